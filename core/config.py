@@ -1,0 +1,199 @@
+"""Run configs: a TOML file with [model], [train], [optim], [data] and [artifact] tables.
+
+Defaults are upstream train_gpt.py's. `--set section.key=value` overrides any key; `--small` shrinks a
+config for a quick check while keeping its topology (plan, options, schedules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.spec import ModelSpec
+from core.tables import dataclass_from_table
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 20000
+    batch_tokens: int = 524288  # tokens per optimizer step, all ranks and micro-batches together
+    seq_len: int = 1024
+    grad_accum_steps: int = 1  # micro-batches per step on each rank
+    val_every: int = 1000  # 0: validate only at the end
+    val_batch_tokens: int = 524288
+    val_max_tokens: int = 0  # 0: the whole val split; else its first N tokens (quick checks only)
+    log_every: int = 200
+    warmup_steps: int = 20  # priming steps (compile, allocator), then weights and optimizer are restored
+    warmdown_iters: int = 1200
+    warmdown_start_step: int = 0  # >0: step-based warmdown from this step (PR #470); else wallclock-based
+    max_wallclock_seconds: float = 600.0  # 0: no cap
+    seed: int = 1337
+    compute_dtype: str = "auto"  # "auto" (bf16 on GPU/Metal, fp32 on CPU), "float32", "bfloat16"
+
+    def __post_init__(self):
+        for key in ("iterations", "batch_tokens", "seq_len", "grad_accum_steps", "val_batch_tokens"):
+            if getattr(self, key) < 1:
+                raise UserError(f"train.{key} = {getattr(self, key)}: expected a positive integer")
+        for key in ("val_every", "val_max_tokens", "log_every", "warmup_steps", "warmdown_iters", "warmdown_start_step"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key} = {getattr(self, key)}: expected 0 or more")
+        if self.max_wallclock_seconds < 0:
+            raise UserError(f"train.max_wallclock_seconds = {self.max_wallclock_seconds}: expected 0 or more")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"train.compute_dtype = {self.compute_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    matrix_lr: float = 0.04  # Muon, block matrices
+    scalar_lr: float = 0.04  # Adam, block vectors/scalars and skip weights
+    tied_embed_lr: float = 0.05
+    embed_lr: float = 0.6  # untied embedding
+    head_lr: float = 0.008  # untied head
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    grad_clip_norm: float = 0.0  # 0: off
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise UserError(f"optim.{f.name} = {getattr(self, f.name)}: expected 0 or more")
+        if not 0 < self.beta1 < 1 or not 0 < self.beta2 < 1:
+            raise UserError("optim.beta1 and optim.beta2 must lie strictly between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = "data"  # a data root holding manifest.json, or a dataset directory of shards
+    dataset: str = ""  # the manifest's dataset name; "" picks the only one
+    tokenizer: str = ""  # "" takes it from the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactConfig:
+    scheme: str = "int8"
+    codec: str = "zlib"
+    level: int = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSpec
+    train: TrainConfig
+    optim: OptimConfig
+    data: DataConfig
+    artifact: ArtifactConfig
+    source: str = ""
+
+    def to_toml(self) -> str:
+        """The resolved config, written into every run directory."""
+        lines = [f"# resolved from {self.source}" if self.source else "# resolved config"]
+        for section in ("model", "train", "optim", "data", "artifact"):
+            value = getattr(self, section)
+            table = value.to_dict() if section == "model" else dataclasses.asdict(value)
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        return "\n".join(lines) + "\n"
+
+
+SECTIONS = {"model": None, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig, "artifact": ArtifactConfig}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.iterations=50' -> ('train', 'iterations', 50). The value is read as TOML, else a string."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. train.iterations=50")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts[0], parts[1], value
+
+
+def load_config(path: str | Path, overrides: list[str] = (), small: bool = False) -> RunConfig:
+    raw = read_toml(path)
+    return config_from_dict(raw, overrides, small, source=str(path))
+
+
+def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str = "") -> RunConfig:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section in raw:
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, list(SECTIONS), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else f"; known tables: {', '.join(SECTIONS)}"
+            raise UserError(f"unknown table [{section}]{hint}")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise UserError(f"--set {text!r}: unknown table '{section}' (known: {', '.join(SECTIONS)})")
+        table = raw.setdefault(section, {})
+        if section == "model" and key in ("depth", "layer_plan"):
+            table.pop("depth", None), table.pop("layer_plan", None)
+            table.pop("num_layers", None), table.pop("num_blocks", None)
+        table[key] = value
+    if small:
+        raw = shrink(raw)
+    model = ModelSpec.from_table(raw.get("model", {}), where="model")
+    sections = {name: dataclass_from_table(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items() if cls}
+    return RunConfig(model=model, source=source, **sections)
+
+
+SMALL_HEAD_DIM = 8
+SMALL_SEQ_LEN = 64
+SMALL_VOCAB = 128
+
+
+def shrink(raw: dict, vocab: bool = False) -> dict:
+    """--small: the same topology (plan, options, schedules) at a width and sequence length that run in
+    seconds on a CPU. The vocabulary shrinks only when asked (no tokenizer fixes it, as in parity/size)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    model = raw.setdefault("model", {})
+    heads = model.get("num_heads", ModelSpec.num_heads)
+    model["model_dim"] = heads * SMALL_HEAD_DIM
+    if vocab:
+        model["vocab_size"] = SMALL_VOCAB
+    train = raw.setdefault("train", {})
+    seq = min(train.get("seq_len", TrainConfig.seq_len), SMALL_SEQ_LEN)
+    accum = train.get("grad_accum_steps", 1)
+    train["seq_len"] = seq
+    train["batch_tokens"] = 8 * seq * accum
+    train["val_batch_tokens"] = 32 * seq
+    return raw

@@ -1,0 +1,103 @@
+"""The parameter table: every tensor's canonical name, shape, initializer and optimizer group.
+
+Both backends build their models from this table and `init_weights` draws the initial values with
+numpy, so both start from the same numbers. Names follow upstream's train_gpt.py where it has the
+tensor, so importing an upstream checkpoint is a small name map. Linear weights are (out, in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+
+from core.spec import ModelSpec
+
+# Optimizer groups (upstream's split): Muon for block matrices, Adam for the rest at their own LRs.
+MATRIX, SCALAR, EMBED, HEAD = "matrix", "scalar", "embed", "head"
+GROUPS = (MATRIX, SCALAR, EMBED, HEAD)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "normal", "uniform_fan_in", "zeros", "ones", "const", "resid_mix"
+    group: str
+    value: float = 0.0  # std for "normal", the constant for "const"
+    block: int | None = None  # unique block index, for per-block parameters
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def param_table(spec: ModelSpec) -> list[ParamInfo]:
+    d, v = spec.model_dim, spec.vocab_size
+    table: list[ParamInfo] = []
+    if spec.tie_embeddings:
+        table.append(ParamInfo("tok_emb.weight", (v, d), "normal", EMBED, spec.tied_embed_init_std))
+    else:
+        # Upstream leaves an untied embedding at nn.Embedding's default N(0, 1) and zero-inits the head.
+        table.append(ParamInfo("tok_emb.weight", (v, d), "normal", EMBED, 1.0))
+    for b in range(spec.num_blocks):
+        p = f"blocks.{b}."
+        table += [
+            ParamInfo(p + "attn.c_q.weight", (d, d), "uniform_fan_in", MATRIX, block=b),
+            ParamInfo(p + "attn.c_k.weight", (spec.kv_dim, d), "uniform_fan_in", MATRIX, block=b),
+            ParamInfo(p + "attn.c_v.weight", (spec.kv_dim, d), "uniform_fan_in", MATRIX, block=b),
+            ParamInfo(p + "attn.proj.weight", (d, d), "zeros", MATRIX, block=b),
+            ParamInfo(p + "attn.q_gain", (spec.num_heads,), "const", SCALAR, spec.qk_gain_init, block=b),
+            ParamInfo(p + "mlp.fc.weight", (spec.mlp_hidden, d), "uniform_fan_in", MATRIX, block=b),
+            ParamInfo(p + "mlp.proj.weight", (d, spec.mlp_hidden), "zeros", MATRIX, block=b),
+            ParamInfo(p + "attn_scale", (d,), "ones", SCALAR, block=b),
+            ParamInfo(p + "mlp_scale", (d,), "ones", SCALAR, block=b),
+            ParamInfo(p + "resid_mix", (2, d), "resid_mix", SCALAR, block=b),
+        ]
+    if spec.num_skip_weights:
+        table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
+    if not spec.tie_embeddings:
+        table.append(ParamInfo("lm_head.weight", (v, d), "zeros", HEAD))
+    return table
+
+
+def _rng_for(seed: int, name: str) -> np.random.Generator:
+    # One stream per tensor, keyed by its name: adding an option (a new tensor) never changes the
+    # initial values of the others, so seeds stay comparable across configs.
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def init_tensor(info: ParamInfo, seed: int) -> np.ndarray:
+    shape = info.shape
+    if info.init == "normal":
+        return _rng_for(seed, info.name).normal(0.0, info.value, shape).astype(np.float32)
+    if info.init == "uniform_fan_in":
+        # PyTorch's default Linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / np.sqrt(shape[1])
+        return _rng_for(seed, info.name).uniform(-bound, bound, shape).astype(np.float32)
+    if info.init == "zeros":
+        return np.zeros(shape, np.float32)
+    if info.init == "ones":
+        return np.ones(shape, np.float32)
+    if info.init == "const":
+        return np.full(shape, info.value, np.float32)
+    if info.init == "resid_mix":
+        # [1, 0]: the block starts reading only its input x, none of x0.
+        return np.stack([np.ones(shape[1:], np.float32), np.zeros(shape[1:], np.float32)])
+    raise ValueError(f"unknown initializer {info.init!r} for {info.name}")
+
+
+def init_weights(spec: ModelSpec, seed: int = 1337) -> dict[str, np.ndarray]:
+    """Initial float32 weights for `spec`, the same numbers in every backend."""
+    return {info.name: init_tensor(info, seed) for info in param_table(spec)}
+
+
+def count_params(spec: ModelSpec) -> tuple[int, int]:
+    """(unique parameters stored, effective parameters: block tensors counted once per use in the plan)."""
+    uses = {b: spec.layer_plan.count(b) for b in range(spec.num_blocks)}
+    unique = effective = 0
+    for info in param_table(spec):
+        unique += info.numel
+        effective += info.numel * (uses[info.block] if info.block is not None else 1)
+    return unique, effective

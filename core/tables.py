@@ -1,0 +1,90 @@
+"""Typed TOML tables -> frozen dataclasses, with one clear error per bad key or value.
+
+Shared by the model spec and the run config so every table refuses unknown keys the same way (with the
+closest known key suggested: a silently ignored typo wastes a GPU hour).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+from core.errors import UserError
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def check_known_keys(table: dict, known: list[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise UserError(f"unknown key '{where}.{key}'{_suggest(key, known)}")
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check one TOML value against a field annotation (int, float, bool, str, list[int], or a union)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return coerce(value, option, key)
+            except UserError:
+                pass
+        raise UserError(f"'{key}' = {value!r}: expected {_describe(annotation)}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise UserError(f"'{key}' = {value!r}: expected nothing")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"'{key}' = {value!r}: expected a list of {item.__name__}")
+        return tuple(coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"'{key}' = {value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"'{key}' = {value!r}: expected an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"'{key}' = {value!r}: expected a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"'{key}' = {value!r}: expected a string")
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _describe(annotation: Any) -> str:
+    names = []
+    for a in typing.get_args(annotation):
+        if typing.get_origin(a) is list:
+            names.append("a list of integers")
+        elif a is type(None):
+            continue
+        else:
+            names.append({int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(a, str(a)))
+    return " or ".join(names)
+
+
+def dataclass_from_table(cls, table: dict, where: str, **overrides):
+    """Build dataclass `cls` from a TOML table: unknown keys refused, each value type-checked."""
+    if not isinstance(table, dict):
+        raise UserError(f"'{where}' must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    check_known_keys(table, list(fields), where)
+    hints = typing.get_type_hints(cls)
+    values = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
+    values.update(overrides)
+    return cls(**values)
