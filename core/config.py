@@ -148,12 +148,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
-def load_config(path: str | Path, overrides: list[str] = (), small: bool = False) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] = (), small: bool = False, small_vocab: bool = False) -> RunConfig:
     raw = read_toml(path)
-    return config_from_dict(raw, overrides, small, source=str(path))
+    return config_from_dict(raw, overrides, small, source=str(path), small_vocab=small_vocab)
 
 
-def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str = "") -> RunConfig:
+def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str = "", small_vocab: bool = False) -> RunConfig:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for section in raw:
         if section not in SECTIONS:
@@ -170,7 +170,7 @@ def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str =
             table.pop("num_layers", None), table.pop("num_blocks", None)
         table[key] = value
     if small:
-        raw = shrink(raw)
+        raw = shrink(raw, vocab=small_vocab)
     model = ModelSpec.from_table(raw.get("model", {}), where="model")
     sections = {name: dataclass_from_table(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items() if cls}
     return RunConfig(model=model, source=source, **sections)

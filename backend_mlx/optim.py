@@ -1,0 +1,82 @@
+"""Muon for block matrices, Adam for the rest, as pure functions over explicit state (compile-friendly).
+
+Mirrors backend_torch/optim.py. Upstream's maths: Newton-Schulz with 5 quintic steps, Nesterov
+momentum, update scaled by sqrt(max(1, rows/cols)); Adam with bias correction. On MLX the
+Newton-Schulz iteration runs in float32, as upstream's MLX script does.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from core.config import OptimConfig
+from core.params import MATRIX, param_table
+from core.spec import ModelSpec
+from core.schedule import group_base_lrs
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: mx.array, steps: int, eps: float = 1e-7) -> mx.array:
+    """Approximately orthogonalise g (the zeroth power of its singular values)."""
+    a, b, c = NS_COEFFS
+    x = g.astype(mx.float32)
+    x = x / (mx.sqrt(mx.sum(x * x)) + eps)
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.T if transposed else x
+
+
+def init_state(spec: ModelSpec, params: dict) -> dict:
+    """{"step": Adam's step count, "muon": {name: momentum}, "adam": {name: {"m", "v"}}}."""
+    state = {"step": mx.array(0.0), "muon": {}, "adam": {}}
+    for info in param_table(spec):
+        zeros = mx.zeros(info.shape, mx.float32)
+        if info.group == MATRIX:
+            state["muon"][info.name] = zeros
+        else:
+            state["adam"][info.name] = {"m": zeros, "v": mx.zeros_like(zeros)}
+    return state
+
+
+def clip_by_global_norm(grads: dict, max_norm: float) -> dict:
+    if max_norm <= 0:
+        return grads
+    total = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in grads.values()))
+    factor = mx.minimum(max_norm / (total + 1e-6), 1.0)
+    return {k: g * factor for k, g in grads.items()}
+
+
+def make_update(spec: ModelSpec, optim: OptimConfig):
+    """update(params, state, grads, lr_scale, momentum) -> (params, state), with lr_scale and momentum as
+    0-d arrays so a compiled update is traced once."""
+    groups = {info.name: info.group for info in param_table(spec)}
+    base_lr = group_base_lrs(spec, optim)
+
+    def update(params: dict, state: dict, grads: dict, lr_scale: mx.array, momentum: mx.array):
+        grads = clip_by_global_norm(grads, optim.grad_clip_norm)
+        step = state["step"] + 1
+        bias1 = 1 - optim.beta1**step
+        bias2 = 1 - optim.beta2**step
+        new_params, muon, adam = {}, {}, {}
+        for name, p in params.items():
+            g = grads[name]
+            lr = base_lr[groups[name]] * lr_scale
+            if groups[name] == MATRIX:
+                buf = momentum * state["muon"][name] + g
+                u = newton_schulz(g + momentum * buf, optim.muon_backend_steps)
+                u = u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                new_params[name] = p - lr * u
+                muon[name] = buf
+            else:
+                m = optim.beta1 * state["adam"][name]["m"] + (1 - optim.beta1) * g
+                v = optim.beta2 * state["adam"][name]["v"] + (1 - optim.beta2) * (g * g)
+                new_params[name] = p - lr * (m / bias1) / (mx.sqrt(v / bias2) + optim.adam_eps)
+                adam[name] = {"m": m, "v": v}
+        return new_params, {"step": step, "muon": muon, "adam": adam}
+
+    return update

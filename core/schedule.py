@@ -1,0 +1,48 @@
+"""Schedules shared by both backends: learning-rate multiplier, Muon momentum warmup, per-group LRs."""
+
+from __future__ import annotations
+
+from core.config import OptimConfig, TrainConfig
+from core.params import EMBED, HEAD, MATRIX, SCALAR
+from core.spec import ModelSpec
+
+
+def group_base_lrs(spec: ModelSpec, optim: OptimConfig) -> dict[str, float]:
+    return {
+        MATRIX: optim.matrix_lr,
+        SCALAR: optim.scalar_lr,
+        EMBED: optim.tied_embed_lr if spec.tie_embeddings else optim.embed_lr,
+        HEAD: optim.head_lr,
+    }
+
+
+def lr_multiplier(step: int, elapsed_ms: float, train: TrainConfig) -> float:
+    """Upstream's linear warmdown to 0, with PR #470's step-based start as an option.
+
+    - warmdown_start_step > 0: 1 before that step, then max(1 - (step - start)/warmdown_iters, 0).
+    - a wallclock cap: warm down over the last warmdown_iters * (average ms/step) of the budget.
+    - no cap: warm down over the last warmdown_iters steps of train.iterations.
+    """
+    if train.warmdown_iters <= 0:
+        return 1.0
+    if train.warmdown_start_step > 0:
+        if step < train.warmdown_start_step:
+            return 1.0
+        return max(1.0 - (step - train.warmdown_start_step) / train.warmdown_iters, 0.0)
+    if train.max_wallclock_seconds <= 0:
+        start = max(train.iterations - train.warmdown_iters, 0)
+        if start <= step < train.iterations:
+            return max((train.iterations - step) / train.warmdown_iters, 0.0)
+        return 1.0
+    step_ms = elapsed_ms / max(step, 1)
+    warmdown_ms = train.warmdown_iters * step_ms
+    remaining_ms = max(train.max_wallclock_seconds * 1000.0 - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, optim: OptimConfig) -> float:
+    """Linear warmup from muon_momentum_warmup_start to muon_momentum over the first warmup steps."""
+    if optim.muon_momentum_warmup_steps <= 0:
+        return optim.muon_momentum
+    frac = min(step / optim.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * optim.muon_momentum_warmup_start + frac * optim.muon_momentum

@@ -1,0 +1,62 @@
+"""The `loopgolf` command: parse, call core and a backend, print. User mistakes are one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config TOML (see configs/)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set train.iterations=50 (repeatable)")
+    p.add_argument("--small", action="store_true",
+                   help="shrink width and sequence length for a quick check, keeping the topology")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopgolf", description="Looped transformers for Parameter Golf.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a config and report val_bpb and artifact size")
+    _add_config_args(train)
+    train.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
+                       help="auto: MLX on Apple Silicon, torch elsewhere")
+    train.add_argument("--data", help="data root with manifest.json, or a dataset directory (overrides data.path)")
+    train.add_argument("--out", help="run directory (default runs/<config>-<time>)")
+    train.add_argument("--init", help="start from these weights (safetensors) instead of a fresh init")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar (default: on when stderr is a terminal)")
+
+    size = sub.add_parser("size", help="parameter counts (unique and effective) for a config")
+    _add_config_args(size)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from tools.train import run_train
+
+            return run_train(args)
+        if args.command == "size":
+            from tools.size import run_size
+
+            return run_size(args)
+    except UserError as e:
+        print(f"loopgolf: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"loopgolf: stopped: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("loopgolf: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
