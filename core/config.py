@@ -148,18 +148,26 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
-def load_config(path: str | Path, overrides: list[str] = (), small: bool = False, small_vocab: bool = False) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] = (), small: bool = False, small_vocab: bool = False,
+                profile: str | None = None, profile_defaults: dict | None = None) -> RunConfig:
     raw = read_toml(path)
-    return config_from_dict(raw, overrides, small, source=str(path), small_vocab=small_vocab)
+    return config_from_dict(raw, overrides, small, source=str(path), small_vocab=small_vocab, profile=profile,
+                            profile_defaults=profile_defaults)
 
 
-def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str = "", small_vocab: bool = False) -> RunConfig:
+def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str = "", small_vocab: bool = False,
+                     profile: str | None = None, profile_defaults: dict | None = None) -> RunConfig:
+    raw = apply_profile(raw, profile, profile_defaults)
+    if profile:
+        source = f"{source} (profile {profile})"
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for section in raw:
         if section not in SECTIONS:
             close = difflib.get_close_matches(section, list(SECTIONS), n=1)
             hint = f"; did you mean [{close[0]}]?" if close else f"; known tables: {', '.join(SECTIONS)}"
             raise UserError(f"unknown table [{section}]{hint}")
+    if small:  # before the overrides, so an explicit --set wins over --small
+        raw = shrink(raw, vocab=small_vocab)
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in SECTIONS:
@@ -169,11 +177,53 @@ def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str =
             table.pop("depth", None), table.pop("layer_plan", None)
             table.pop("num_layers", None), table.pop("num_blocks", None)
         table[key] = value
-    if small:
-        raw = shrink(raw, vocab=small_vocab)
     model = ModelSpec.from_table(raw.get("model", {}), where="model")
     sections = {name: dataclass_from_table(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items() if cls}
     return RunConfig(model=model, source=source, **sections)
+
+
+# Built-in profiles: run settings for a machine, applied with --profile NAME even when the config has no
+# [profile.NAME] tables. A config's own [profile.NAME.<table>] tables apply on top of these.
+BUILTIN_PROFILES = {
+    "h100": {
+        "train": {"batch_tokens": 524288, "seq_len": 1024, "max_wallclock_seconds": 600.0},
+        "data": {"path": "data", "dataset": "fineweb10B_sp1024"},
+    },
+}
+
+
+def apply_profile(raw: dict, name: str | None, defaults: dict | None = None) -> dict:
+    """Remove the [profile.*] tables from `raw`; with a name, merge that profile's tables over the others.
+
+    Order, later wins: the config's tables, the built-in profile, `defaults` (the caller's machine-dependent
+    values), the config's [profile.NAME.*] tables. A profile never changes [model]: the spec is the experiment.
+    """
+    raw = dict(raw)
+    profiles = raw.pop("profile", {})
+    if not isinstance(profiles, dict):
+        raise UserError("'profile' must be a table of [profile.NAME] tables")
+    for pname, tables in profiles.items():
+        if not isinstance(tables, dict):
+            raise UserError(f"'profile.{pname}' must be a table, e.g. [profile.{pname}.train]")
+        for section, table in tables.items():
+            if section == "model":
+                raise UserError(f"[profile.{pname}.model]: a profile cannot change the model spec; "
+                                "put model changes in their own config")
+            if section not in SECTIONS or not isinstance(table, dict):
+                raise UserError(f"[profile.{pname}.{section}]: expected one of "
+                                f"{', '.join(s for s in SECTIONS if s != 'model')} tables")
+    if not name:
+        return raw
+    if name not in profiles and name not in BUILTIN_PROFILES:
+        known = sorted(set(profiles) | set(BUILTIN_PROFILES))
+        raise UserError(f"--profile {name!r}: no [profile.{name}] in the config and no built-in one "
+                        f"(known: {', '.join(known)})")
+    for layer in (BUILTIN_PROFILES.get(name, {}), defaults or {}, profiles.get(name, {})):
+        for section, table in layer.items():
+            if section == "model":
+                raise UserError(f"profile {name!r}: a profile cannot change the model spec")
+            raw[section] = {**raw.get(section, {}), **table}
+    return raw
 
 
 SMALL_HEAD_DIM = 8

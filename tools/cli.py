@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", help="start from these weights (safetensors) instead of a fresh init")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: on when stderr is a terminal)")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="torch: run N ranks on this machine through torch.distributed.run (default 1; "
+                            "all visible GPUs under --profile h100)")
+    train.add_argument("--profile", metavar="NAME",
+                       help="apply the config's [profile.NAME] tables; built in: h100 (torch on all GPUs, "
+                            "524,288-token batches of 1024, 600 s cap, data/fineweb10B_sp1024)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved run (world size, batch split, parameters, memory estimate) and exit")
 
     size = sub.add_parser("size", help="parameter counts (unique and effective) for a config")
     _add_config_args(size)
@@ -37,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # torch --nproc re-launches the same command
     try:
         if args.command == "train":
             from tools.train import run_train
@@ -56,6 +65,29 @@ def main(argv: list[str] | None = None) -> int:
         print("loopgolf: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+def _will_use_mlx(argv: list[str]) -> bool:
+    try:
+        args, _ = build_parser().parse_known_args(argv)
+    except SystemExit:
+        return False
+    if getattr(args, "backend", None) is None:
+        return False
+    from tools.backends import resolve_backend
+
+    try:
+        return resolve_backend(args.backend) == "mlx"
+    except UserError:
+        return False
+
+
+def console_main() -> None:
+    """The console script: on Linux, runs MLX with OpenBLAS preloaded when it is installed (tools/blas.py)."""
+    from tools.blas import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas(_will_use_mlx(sys.argv[1:]))
+    sys.exit(main())
 
 
 if __name__ == "__main__":

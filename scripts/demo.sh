@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, make the demo shards from the built-in corpus, train the
+# demo config, print its bpb. Extra arguments go to `loopgolf train` (e.g. --backend mlx).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+[ -f data/manifest.json ] || .venv/bin/make_mini_shards --demo --out data
+exec .venv/bin/loopgolf train --config configs/demo.toml --out runs/demo "$@"

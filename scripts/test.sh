@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test suite on a fresh machine: install, then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# Run MLX's CPU tests with OpenBLAS when it is installed (tools/blas.py explains why).
+lib=$(ls /usr/lib/*/openblas-pthread/libopenblas.so.0 /usr/lib/*/libopenblas.so.0 2>/dev/null | head -n 1 || true)
+if [ "$(uname -s)" = Linux ] && [ -n "$lib" ]; then export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"; fi
+exec .venv/bin/python -m pytest "$@"
