@@ -44,13 +44,13 @@ from core.quant import (
     ROLE_PASSTHROUGH, ROLE_QUANTIZED, QuantizedTensor, QuantizedWeights, dequantize_weights, get_scheme,
     is_control_name, quantize_weights,
 )
+from core.size import CHALLENGE_LIMIT
 
 MAGIC = b"LOOPGOLF-ARTIFACT\x00"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<18sH16sQ32s")
 PREFIX_BYTES = _PREFIX.size
 MAX_PAYLOAD_BYTES = 1 << 30  # refuse to inflate anything bigger: the whole budget is 16 MB
-SIZE_LIMIT_BYTES = 16_000_000  # the challenge's limit on code + artifact, decimal
 _MAX_NDIM = 8
 
 # Stored dtypes, all little-endian. Floats other than fp16/fp32 never reach an artifact (see quant).
@@ -428,12 +428,12 @@ def size_report(info: ArtifactInfo, code_bytes: int) -> str:
     lines.append(f"{'all tensors':<{w}} {len(info.tensors):>8,} {raw_total:>14,} "
                  f"{info.payload_bytes - info.header_bytes - 8:>14,}")
     total = code_bytes + info.total_bytes
-    margin = SIZE_LIMIT_BYTES - total
+    margin = CHALLENGE_LIMIT - total
     verdict = f"margin {margin:,}" if margin >= 0 else f"OVER by {-margin:,}"
     lines += [
         f"payload (header {info.header_bytes:,} B + data), uncompressed: {info.payload_bytes:,} B",
         f"artifact ({info.scheme}, {info.codec_label}): {info.total_bytes:,} B",
         f"code: {code_bytes:,} B",
-        f"total: {total:,} B of {SIZE_LIMIT_BYTES:,}  {verdict}",
+        f"total: {total:,} B of {CHALLENGE_LIMIT:,}  {verdict}",
     ]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from core.params import count_params
 from core.runlog import RunLog
 from core.schedule import lr_multiplier, muon_momentum
 from core.shards import TokenStream, next_batch
-from core.size import CHALLENGE_LIMIT, code_bytes
+from core.size import code_bytes
 from core.weights import save_weights
 
 
@@ -160,12 +160,11 @@ class Trainer:
         log.line(f"{label}_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
         code = code_bytes(b.name)
         total = code + info.total_bytes
-        margin = CHALLENGE_LIMIT - total
-        log.line(f"Serialized model {cfg.artifact.scheme}+{cfg.artifact.codec}: {info.total_bytes} bytes")
-        log.line(
-            f"Total submission size: {total:,} bytes (artifact {info.total_bytes:,} + code {code:,}) "
-            f"of {CHALLENGE_LIMIT:,}: {'margin' if margin >= 0 else 'OVER by'} {abs(margin):,}"
-        )
+        tag = f"{cfg.artifact.scheme}+{cfg.artifact.codec}"
+        log.line(f"Serialized model {tag}: {info.total_bytes} bytes")
+        log.line(f"Total submission size {tag}: {total} bytes")
+        for line in artifact_io.size_report(info, code).splitlines():
+            log.line(line)
         unique, effective = count_params(cfg.model)
         final = dict(val_loss=result["val_loss"], val_bpb=result["val_bpb"], roundtrip_val_loss=rt_loss,
                      roundtrip_val_bpb=rt_bpb, artifact_bytes=info.total_bytes, code_bytes=code,
