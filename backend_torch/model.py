@@ -1,0 +1,93 @@
+"""The looped transformer in PyTorch, as a pure function of the spec and a flat {name: tensor} dict.
+
+Mirrors backend_mlx/model.py line by line against core.spec: same names, weights (out, in) applied as
+x @ W.T, same numerics. Weights stay float32; matrix products run in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.spec import ModelSpec
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w.to(x.dtype))
+
+
+def rotary(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    # Half-split rotation by -angle, upstream train_gpt.py's convention: (x1 cos + x2 sin, -x1 sin + x2 cos).
+    # Angles are computed in float32 and cast to the compute dtype, as upstream's Rotary cache.
+    half = spec.head_dim // 2
+    dims = torch.arange(0, spec.head_dim, 2, dtype=torch.float32, device=x.device)
+    inv_freq = 1.0 / spec.rope_base ** (dims / spec.head_dim)
+    angles = torch.outer(torch.arange(x.size(-2), dtype=torch.float32, device=x.device), inv_freq)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1)
+
+
+def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    batch, seq, _ = x.shape
+    q = linear(x, p[prefix + "c_q.weight"]).reshape(batch, seq, spec.num_heads, spec.head_dim)
+    k = linear(x, p[prefix + "c_k.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
+    v = linear(x, p[prefix + "c_v.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+    q = rotary(rms_norm(q, spec.norm_eps), spec)
+    k = rotary(rms_norm(k, spec.norm_eps), spec)
+    q = q * p[prefix + "q_gain"].to(q.dtype)[None, :, None, None]
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.head_dim**-0.5,
+                                       enable_gqa=spec.num_kv_heads < spec.num_heads)
+    y = y.transpose(1, 2).reshape(batch, seq, spec.model_dim)
+    return linear(y, p[prefix + "proj.weight"])
+
+
+def mlp(p: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(linear(x, p[prefix + "fc.weight"]))
+    return linear(h * h, p[prefix + "proj.weight"])
+
+
+def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    prefix = f"blocks.{b}."
+    mix = p[prefix + "resid_mix"].to(x.dtype)
+    x = mix[0] * x + mix[1] * x0
+    x = x + p[prefix + "attn_scale"].to(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
+    x = x + p[prefix + "mlp_scale"].to(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps))
+    return x
+
+
+def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Final-normed hidden states (batch, seq, dim). U-Net skips run over effective layers."""
+    x = rms_norm(F.embedding(tokens, p["tok_emb.weight"]), spec.norm_eps).to(dtype)
+    x0 = x
+    skips = []
+    for layer, b in enumerate(spec.layer_plan):
+        if layer >= spec.num_encoder_layers and skips:
+            skip_w = p["skip_weights"][layer - spec.num_encoder_layers].to(dtype)
+            x = x + skip_w * skips.pop()
+        x = block(spec, p, b, x, x0)
+        if layer < spec.num_encoder_layers:
+            skips.append(x)
+    return rms_norm(x, spec.norm_eps)
+
+
+def logits(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Soft-capped float32 logits (batch, seq, vocab)."""
+    head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
+    z = linear(hidden_states(spec, p, tokens, dtype), head).to(torch.float32)
+    return spec.logit_softcap * torch.tanh(z / spec.logit_softcap)
+
+
+def token_losses(spec: ModelSpec, p: dict, x: torch.Tensor, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Per-token cross-entropy in nats, float32 (batch, seq)."""
+    z = logits(spec, p, x, dtype)
+    return torch.logsumexp(z, dim=-1) - torch.gather(z, -1, y[..., None].long())[..., 0]
+
+
+def mean_loss(spec: ModelSpec, p: dict, x: torch.Tensor, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return token_losses(spec, p, x, y, dtype).mean()

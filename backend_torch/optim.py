@@ -1,0 +1,114 @@
+"""Muon for block matrices, Adam for the rest, as functions over explicit state (plain tensors).
+
+Mirrors backend_mlx/optim.py. Upstream's maths: Newton-Schulz with 5 quintic steps, Nesterov
+momentum, update scaled by sqrt(max(1, rows/cols)); Adam with bias correction. Newton-Schulz runs in
+bfloat16 on CUDA (upstream) and float32 on CPU (as MLX), chosen by the caller.
+
+Distributed (upstream's Muon): the gradients are already averaged, so every rank holds the same ones.
+Muon matrix i (param_table order) is orthogonalised only on rank i % world_size; each rank writes its
+updates into one flat buffer (zeros elsewhere), a single all_reduce(SUM) shares them, and every rank
+applies all of them. A rank's Muon buffers for matrices it does not own stay zero: to checkpoint them,
+take each from its owner (or all_reduce_sum the buffers). Adam is replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from core.config import OptimConfig
+from core.params import MATRIX, param_table
+from core.spec import ModelSpec
+from core.schedule import group_base_lrs
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7, dtype=torch.float32) -> torch.Tensor:
+    """Approximately orthogonalise g (the zeroth power of its singular values)."""
+    a, b, c = NS_COEFFS
+    x = g.to(dtype)
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.T if transposed else x
+
+
+def init_state(spec: ModelSpec, device="cpu") -> dict:
+    """{"step": Adam's step count, "muon": {name: momentum}, "adam": {name: {"m", "v"}}}."""
+    state = {"step": torch.zeros((), dtype=torch.float32, device=device), "muon": {}, "adam": {}}
+    for info in param_table(spec):
+        zeros = torch.zeros(info.shape, dtype=torch.float32, device=device)
+        if info.group == MATRIX:
+            state["muon"][info.name] = zeros
+        else:
+            state["adam"][info.name] = {"m": zeros, "v": torch.zeros_like(zeros)}
+    return state
+
+
+def clip_by_global_norm(grads: dict, max_norm: float) -> dict:
+    if max_norm <= 0:
+        return grads
+    total = torch.sqrt(sum(torch.sum(g.to(torch.float32) ** 2) for g in grads.values()))
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return {k: g * factor for k, g in grads.items()}
+
+
+def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: int = 1,
+                ns_dtype=torch.float32, compile: bool = False):
+    """update(params, state, grads, lr_scale, momentum) updates params and state in place (no_grad), with
+    lr_scale and momentum as 0-d tensors so a compiled update is traced once."""
+    infos = param_table(spec)
+    groups = {info.name: info.group for info in infos}
+    base_lr = group_base_lrs(spec, optim)
+    matrices = [info.name for info in infos if info.group == MATRIX]
+    owned = [name for i, name in enumerate(matrices) if i % world_size == rank]
+    ns = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
+
+    def muon_direction(p, buf, g, momentum):
+        buf.mul_(momentum).add_(g)  # buf = momentum * buf + g
+        u = ns(g + momentum * buf, optim.muon_backend_steps, dtype=ns_dtype)
+        return u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+
+    def adam(params: dict, state: dict, grads: dict, lr_scale: torch.Tensor):
+        state["step"].add_(1)
+        step = state["step"]
+        bias1 = 1 - optim.beta1**step
+        bias2 = 1 - optim.beta2**step
+        for name, s in state["adam"].items():
+            p, g = params[name], grads[name]
+            lr = base_lr[groups[name]] * lr_scale
+            m = optim.beta1 * s["m"] + (1 - optim.beta1) * g
+            v = optim.beta2 * s["v"] + (1 - optim.beta2) * (g * g)
+            p.sub_(lr * (m / bias1) / (torch.sqrt(v / bias2) + optim.adam_eps))
+            s["m"].copy_(m)
+            s["v"].copy_(v)
+
+    adam_step = torch.compile(adam, dynamic=False) if compile else adam
+
+    @torch.no_grad()
+    def update(params: dict, state: dict, grads: dict, lr_scale: torch.Tensor, momentum: torch.Tensor) -> None:
+        grads = clip_by_global_norm(grads, optim.grad_clip_norm)
+        lr = base_lr[MATRIX] * lr_scale
+        if world_size == 1:
+            for name in matrices:
+                p = params[name]
+                p.sub_(lr * muon_direction(p, state["muon"][name], grads[name], momentum).to(p.dtype))
+        else:
+            sizes = [params[name].numel() for name in matrices]
+            flat = torch.zeros(sum(sizes), dtype=ns_dtype, device=params[matrices[0]].device)
+            chunks = dict(zip(matrices, flat.split(sizes)))
+            for name in owned:
+                p = params[name]
+                chunks[name].copy_(muon_direction(p, state["muon"][name], grads[name], momentum).reshape(-1))
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for name in matrices:
+                p = params[name]
+                p.sub_(lr * chunks[name].view_as(p).to(p.dtype))
+        adam_step(params, state, grads, lr_scale)
+
+    return update
