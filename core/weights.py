@@ -12,9 +12,9 @@ from core.errors import UserError
 from core.params import init_weights, param_table  # noqa: F401  (init_weights is part of this module's API)
 from core.spec import ModelSpec
 
+# One metadata key: safetensors writes several keys in a random order, and weight files should be
+# byte-identical for identical weights.
 SPEC_KEY = "loopgolf.spec"
-FORMAT_KEY = "loopgolf.format"
-FORMAT = "loopgolf-weights-v1"
 
 
 def check_weights(spec: ModelSpec, weights: dict[str, np.ndarray], source: str) -> None:
@@ -43,14 +43,14 @@ def save_weights(path: str | Path, spec: ModelSpec, weights: dict[str, np.ndarra
 
     check_weights(spec, weights, str(path))
     tensors = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in sorted(weights)}
-    data = save(tensors, metadata={SPEC_KEY: spec.to_json(), FORMAT_KEY: FORMAT})
+    data = save(tensors, metadata={SPEC_KEY: spec.to_json()})
     atomic_write_bytes(path, data)
 
 
 def read_spec_metadata(path: str | Path) -> ModelSpec:
     """The spec stored in a weight file's header, without reading the tensors."""
     path = Path(path)
-    header = _read_header(path)
+    header = read_header(path)
     meta = header.get("__metadata__") or {}
     if SPEC_KEY not in meta:
         raise UserError(f"{path}: safetensors file has no '{SPEC_KEY}' metadata; not a loopgolf weight file")
@@ -71,7 +71,7 @@ def load_weights(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     return spec, {k: v.astype(np.float32, copy=False) for k, v in weights.items()}
 
 
-def _read_header(path: Path) -> dict:
+def read_header(path: Path) -> dict:
     """Parse a safetensors header ourselves so a malformed file gets one clear line."""
     if not path.is_file():
         raise UserError(f"weight file {path} not found")

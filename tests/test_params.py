@@ -90,3 +90,10 @@ def test_malformed_weight_files_are_refused(tmp_path, mutate):
 def test_missing_weight_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_weights(tmp_path / "nope.safetensors")
+
+
+def test_weight_files_are_byte_identical_for_identical_weights(tmp_path):
+    w = init_weights(LOOPED, 3)
+    save_weights(tmp_path / "a.safetensors", LOOPED, w)
+    save_weights(tmp_path / "b.safetensors", LOOPED, w)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

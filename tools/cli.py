@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     size = sub.add_parser("size", help="parameter counts (unique and effective) for a config")
     _add_config_args(size)
+    from tools.convert import add_parser as add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             from tools.train import run_train
 
             return run_train(args)
+        if args.command == "convert":
+            from tools.convert import run_convert
+
+            return run_convert(args)
         if args.command == "size":
             from tools.size import run_size
 
