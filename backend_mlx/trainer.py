@@ -73,6 +73,24 @@ class MLXTrainer:
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.params = {k: mx.array(weights[k], dtype=mx.float32) for k in self.params}
 
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(weights, optimizer state) as numpy, the optimizer flat with canonical names (core.checkpoint)."""
+        opt = {"adam.step": np.array(self.state["step"], dtype=np.float32)}
+        opt.update({f"muon.{k}": np.array(v) for k, v in self.state["muon"].items()})
+        for k, s in self.state["adam"].items():
+            opt[f"adam_m.{k}"], opt[f"adam_v.{k}"] = np.array(s["m"]), np.array(s["v"])
+        return self.get_weights(), opt
+
+    def set_state(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray]) -> None:
+        self.set_weights(weights)
+        arr = lambda a: mx.array(np.asarray(a, dtype=np.float32))  # noqa: E731
+        self.state = {
+            "step": arr(optimizer["adam.step"]),
+            "muon": {k: arr(optimizer[f"muon.{k}"]) for k in self.state["muon"]},
+            "adam": {k: {"m": arr(optimizer[f"adam_m.{k}"]), "v": arr(optimizer[f"adam_v.{k}"])}
+                     for k in self.state["adam"]},
+        }
+
     def snapshot(self):
         return self.params, self.state  # MLX arrays are immutable: holding references is a copy
 

@@ -50,6 +50,12 @@ def init_state(spec: ModelSpec, device="cpu") -> dict:
     return state
 
 
+def muon_owners(spec: ModelSpec, world_size: int) -> dict[str, int]:
+    """The rank that orthogonalises (and holds the momentum of) each Muon matrix: i % world_size."""
+    matrices = [info.name for info in param_table(spec) if info.group == MATRIX]
+    return {name: i % world_size for i, name in enumerate(matrices)}
+
+
 def clip_by_global_norm(grads: dict, max_norm: float) -> dict:
     if max_norm <= 0:
         return grads
@@ -66,7 +72,7 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
     groups = {info.name: info.group for info in infos}
     base_lr = group_base_lrs(spec, optim)
     matrices = [info.name for info in infos if info.group == MATRIX]
-    owned = [name for i, name in enumerate(matrices) if i % world_size == rank]
+    owned = [name for name, owner in muon_owners(spec, world_size).items() if owner == rank]
     ns = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
 
     def muon_direction(p, buf, g, momentum):

@@ -12,11 +12,13 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
 from backend_torch import dist
 from backend_torch.model import mean_loss, token_losses
-from backend_torch.optim import init_state, make_update
+from backend_torch.optim import init_state, make_update, muon_owners
 from core.config import OptimConfig, TrainConfig
+from core.params import param_table
 from core.spec import ModelSpec
 
 
@@ -80,9 +82,13 @@ class TorchTrainer:
         # bf16 autocast on CUDA around the explicit casts in the model (upstream's setting).
         autocast = cuda and self.dtype == torch.bfloat16
         self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-        self.params = {k: torch.tensor(v, dtype=torch.float32, device=self.torch_device).requires_grad_(True)
-                       for k, v in weights.items()}
+        # In the parameter table's order, never the order of `weights`: gradients are all-reduced through one
+        # flat buffer in this order, so it must be the same on every rank (a dict loaded from safetensors
+        # comes in a different order in every process).
+        self.params = {info.name: torch.tensor(weights[info.name], dtype=torch.float32, device=self.torch_device)
+                       .requires_grad_(True) for info in param_table(spec)}
         self.state = init_state(spec, self.torch_device)
+        self._owners = muon_owners(spec, self.world_size)
         self._update = make_update(spec, optim, self.rank, self.world_size,
                                    ns_dtype=torch.bfloat16 if cuda else torch.float32, compile=cuda)
         dtype = self.dtype
@@ -130,6 +136,37 @@ class TorchTrainer:
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         for k, p in self.params.items():
             p.copy_(torch.as_tensor(np.asarray(weights[k], dtype=np.float32)))
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(weights, optimizer state) as numpy, the optimizer flat with canonical names. With several ranks a
+        Muon momentum buffer lives only on its owner rank: each is broadcast from its owner (a collective:
+        every rank calls this), so every rank returns the full state."""
+        numpy = lambda t: t.detach().to("cpu", torch.float32).numpy().copy()  # noqa: E731
+        opt = {"adam.step": numpy(self.state["step"])}
+        for name, buf in self.state["muon"].items():
+            if self.world_size > 1:
+                buf = buf.detach().clone()
+                tdist.broadcast(buf, src=self._owners[name])
+            opt[f"muon.{name}"] = numpy(buf)
+        for name, s in self.state["adam"].items():
+            opt[f"adam_m.{name}"], opt[f"adam_v.{name}"] = numpy(s["m"]), numpy(s["v"])
+        return self.get_weights(), opt
+
+    @torch.no_grad()
+    def set_state(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray]) -> None:
+        """In place (compiled graphs keep their inputs). Every rank gets the full set and keeps the Muon
+        buffers it owns; the others stay zero, as in a run that never stopped."""
+        self.set_weights(weights)
+        tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+        self.state["step"].copy_(tensor(optimizer["adam.step"]))
+        for name, buf in self.state["muon"].items():
+            if self._owners[name] == self.rank:
+                buf.copy_(tensor(optimizer[f"muon.{name}"]))
+            else:
+                buf.zero_()
+        for name, s in self.state["adam"].items():
+            s["m"].copy_(tensor(optimizer[f"adam_m.{name}"]))
+            s["v"].copy_(tensor(optimizer[f"adam_v.{name}"]))
 
     def snapshot(self):
         return _clone(self.params), _clone(self.state)

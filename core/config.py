@@ -38,12 +38,15 @@ class TrainConfig:
     max_wallclock_seconds: float = 600.0  # 0: no cap
     seed: int = 1337
     compute_dtype: str = "auto"  # "auto" (bf16 on GPU/Metal, fp32 on CPU), "float32", "bfloat16"
+    checkpoint_every: int = 0  # >0: write RUN_DIR/checkpoints/step_N every N steps (0: only on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
 
     def __post_init__(self):
         for key in ("iterations", "batch_tokens", "seq_len", "grad_accum_steps", "val_batch_tokens"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key} = {getattr(self, key)}: expected a positive integer")
-        for key in ("val_every", "val_max_tokens", "log_every", "warmup_steps", "warmdown_iters", "warmdown_start_step"):
+        for key in ("val_every", "val_max_tokens", "log_every", "warmup_steps", "warmdown_iters", "warmdown_start_step",
+                    "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} = {getattr(self, key)}: expected 0 or more")
         if self.max_wallclock_seconds < 0:

@@ -1,13 +1,19 @@
-"""The backend-neutral training loop: data, schedules, accumulation, validation, wallclock cap, export.
+"""The backend-neutral training loop: data, schedules, accumulation, validation, wallclock cap,
+checkpoints and resume, SIGTERM/SIGINT, export.
 
 A backend provides (see `Backend`): train_step, eval_loss_sum, get_weights/set_weights,
-snapshot/restore, and all_reduce_sum/all_reduce_max (identity on one process). Everything else lives
-here, so both trainers run the same schedule and report the same numbers.
+get_state/set_state (weights and flat optimizer state, for checkpoints), snapshot/restore, and
+all_reduce_sum/all_reduce_max (identity on one process). Everything else lives here, so both trainers
+run the same schedule and report the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from core import artifact as artifact_io
+from core import checkpoint as ckpt_io
 from core.bpb import ByteLuts, bpb_from_sums, count_bytes
 from core.config import RunConfig
 from core.params import count_params
@@ -35,6 +42,10 @@ class Backend(Protocol):
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float: ...
     def get_weights(self) -> dict[str, np.ndarray]: ...
     def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+    # (weights, optimizer) as numpy; the optimizer flat: muon.<p>, adam_m.<p>, adam_v.<p>, adam.step. On
+    # several ranks get_state is a collective and returns the full state on every rank.
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+    def set_state(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray]) -> None: ...
     def snapshot(self) -> object: ...
     def restore(self, snap: object) -> None: ...
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray: ...
@@ -61,9 +72,14 @@ def evaluate(backend: Backend, val_tokens: np.ndarray, seq_len: int, batch_token
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, backend: Backend, train_files: list, val_tokens: np.ndarray, luts: ByteLuts, log: RunLog):
+    def __init__(self, cfg: RunConfig, backend: Backend, train_files: list, val_tokens: np.ndarray, luts: ByteLuts,
+                 log: RunLog, out_dir: Path | None = None):
         self.cfg, self.backend, self.train_files = cfg, backend, train_files
         self.val_tokens, self.luts, self.log = val_tokens, luts, log
+        # Checkpoints go to out_dir/checkpoints (none without a run directory).
+        self.checkpoint_root = Path(out_dir) / ckpt_io.DIR_NAME if out_dir is not None else None
+        self.last_checkpoint: Path | None = None
+        self._signal = 0
         t = cfg.train
         per_rank = t.batch_tokens // (backend.world_size * t.grad_accum_steps)
         if per_rank < t.seq_len or per_rank % t.seq_len:
@@ -80,25 +96,127 @@ class Trainer:
         t = self.cfg.train
         return evaluate(self.backend, self.val_tokens, t.seq_len, t.val_batch_tokens, self.luts)
 
-    def prime(self) -> None:
+    def prime(self, steps: int | None = None) -> None:
         """Upstream's warmup: real steps to compile and warm allocators, then restore the initial state."""
         t = self.cfg.train
-        if t.warmup_steps <= 0:
+        steps = t.warmup_steps if steps is None else steps
+        if steps <= 0:
             return
         snap = self.backend.snapshot()
         stream = TokenStream(self.train_files)
-        for i in range(t.warmup_steps):
+        for i in range(steps):
             self.backend.train_step(self._batches(stream), 1.0, muon_momentum(0, self.cfg.optim))
-            if t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == t.warmup_steps:
-                self.log.line(f"warmup_step:{i + 1}/{t.warmup_steps}")
+            if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
+                self.log.line(f"warmup_step:{i + 1}/{steps}")
         self.backend.restore(snap)
 
-    def run(self) -> dict:
+    # ---- signals and checkpoints -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM/SIGINT ask the loop to stop after the current step with a checkpoint; a second one acts
+        as it would have without this handler (SIGINT: KeyboardInterrupt; SIGTERM: terminate)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        sigs = [s for s, h in previous.items() if h is not signal.SIG_IGN]  # e.g. SIGINT in a background job
+
+        def handler(signum, frame):
+            if self._signal:
+                signal.signal(signum, previous[signum])
+                if callable(previous[signum]):
+                    previous[signum](signum, frame)
+                else:
+                    os.kill(os.getpid(), signum)
+                return
+            self._signal = signum
+            if self.backend.rank == 0:
+                os.write(2, f"loopgolf: {signal.Signals(signum).name} received: finishing this step, then writing "
+                            "a checkpoint (send it again to stop at once)\n".encode())
+
+        for s in sigs:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s in sigs:
+                signal.signal(s, previous[s])
+
+    def _checkpoint(self, step: int, train_ms: float, stream: TokenStream, stop_after: int | None) -> Path | None:
+        """Write a checkpoint of the state after `step` (rank 0 writes; every rank takes part in get_state)."""
+        cfg, b = self.cfg, self.backend
+        if self.checkpoint_root is None:
+            return None
+        path = self.checkpoint_root / f"step_{step:06d}"
+        if self.last_checkpoint == path:  # already written (or resumed from) at this step
+            return path
+        t0 = time.perf_counter()
+        weights, optimizer = b.get_state()
+        bad = ckpt_io.nonfinite(weights, optimizer)
+        if bad:
+            self.log.close_progress()
+            self.log.line(f"stopped: non-finite weights or optimizer state at step:{step}")
+            self.log.event("nonfinite", step=step, tensors=bad[:10],
+                           checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+            raise FloatingPointError(f"non-finite weights or optimizer state after step {step} "
+                                     f"({', '.join(bad[:3])}); not checkpointed. {self._nan_hint()}")
+        if b.rank == 0:
+            schedule = {"lr_multiplier": lr_multiplier(step, train_ms, cfg.train),
+                        "muon_momentum": muon_momentum(step, cfg.optim),
+                        "wallclock_based": cfg.train.warmdown_start_step <= 0 and cfg.train.max_wallclock_seconds > 0}
+            shards = [[f.name, n] for f, n in zip(stream.files, stream.sizes)]
+            meta = ckpt_io.checkpoint_meta(train_ms, stop_after, stream.tell(), shards, cfg, b.name, b.world_size,
+                                           schedule)
+            path = ckpt_io.write_checkpoint(self.checkpoint_root, step, cfg.model, weights, optimizer, meta,
+                                            keep=cfg.train.keep_checkpoints)
+            ms = 1000 * (time.perf_counter() - t0)
+            size = sum(f.stat().st_size for f in path.iterdir())
+            self.log.line(f"checkpoint: step:{step} {path} bytes:{size} write_time:{ms:.0f}ms")
+            self.log.event("checkpoint", step=step, path=str(path), bytes=size, write_ms=ms)
+        self.last_checkpoint = path
+        return path
+
+    def _nan_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return ("No checkpoint was written (train.checkpoint_every = 0 or not reached yet); lower the learning "
+                    "rates or check the data")
+        return (f"The last good checkpoint is {self.last_checkpoint}: lower the learning rates or check the data, "
+                f"then start a new run from its weights with --init {self.last_checkpoint / ckpt_io.WEIGHTS_FILE}")
+
+    def _agree_stop(self, reached: bool) -> tuple[int, bool]:
+        """(signal to stop on or 0, wallclock cap reached), the same on every rank: one MAX all-reduce of
+        2*signal + reached (with a signal anywhere, every rank stops on it; else any rank's cap stops all)."""
+        sig = self._signal
+        if self.backend.world_size > 1:
+            code = int(self.backend.all_reduce_max(float(2 * sig + reached)))
+            if code >= 2:
+                return code // 2, reached  # stopping on the signal; the cap no longer matters
+            return 0, code == 1
+        return sig, reached
+
+    def run(self, resume: ckpt_io.Checkpoint | None = None) -> dict:
+        """Train to train.iterations (or the wallclock cap), from scratch or from `resume`. Raises
+        ckpt_io.Interrupted after SIGTERM/SIGINT (with a checkpoint) and FloatingPointError on a NaN."""
+        with self._stop_signals():
+            return self._run(resume)
+
+    def _run(self, resume: ckpt_io.Checkpoint | None) -> dict:
         cfg, t, b, log = self.cfg, self.cfg.train, self.backend, self.log
-        self.prime()
         stream = TokenStream(self.train_files)
         cap_ms = t.max_wallclock_seconds * 1000.0 if t.max_wallclock_seconds > 0 else None
         train_ms, step, stop_after = 0.0, 0, None
+        if resume is None:
+            self.prime()
+        else:
+            # The priming steps only warm compilation here (their effect is undone), so one is enough.
+            self.prime(min(t.warmup_steps, 1))
+            b.set_state(resume.weights, resume.optimizer)
+            stream.seek(*resume.position)
+            step, train_ms, stop_after = resume.step, resume.train_time_ms, resume.stop_after
+            self.last_checkpoint = resume.path
+            log.line(f"resume: step:{step}/{t.iterations} train_time:{train_ms:.0f}ms from {resume.path}")
+            log.event("resume", step=step, train_time_ms=train_ms, checkpoint=str(resume.path))
         val_loss = val_bpb = float("nan")
         progress = log.progress(t.iterations)
         t0 = time.perf_counter()
@@ -116,12 +234,20 @@ class Trainer:
             if last:
                 if stop_after is not None and step < t.iterations:
                     log.line(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{t.iterations}")
+                sig, _ = self._agree_stop(False)
+                if sig:  # a signal during the final validation: stop before the export, resumable
+                    log.close_progress()
+                    raise ckpt_io.Interrupted(sig, step, self._checkpoint(step, train_ms, stream, stop_after))
                 break
             elapsed = train_ms + 1000 * (time.perf_counter() - t0)
             loss = b.train_step(self._batches(stream), lr_multiplier(step, elapsed, t), muon_momentum(step, cfg.optim))
             if not math.isfinite(loss):
                 log.close_progress()
-                raise FloatingPointError(f"train_loss is {loss} at step {step + 1}; lower the learning rates or check the data")
+                log.line(f"stopped: train_loss:{loss} at step:{step + 1}")
+                log.event("nonfinite", step=step + 1, train_loss=str(loss),
+                          checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+                raise FloatingPointError(
+                    f"train_loss is {loss} at step {step + 1}, nothing exported. {self._nan_hint()}")
             step += 1
             now_ms = train_ms + 1000 * (time.perf_counter() - t0)
             tok_s = step * t.batch_tokens / max(now_ms / 1000, 1e-9)
@@ -132,11 +258,17 @@ class Trainer:
                     f"step_avg:{now_ms / step:.2f}ms tok_s:{tok_s:.0f}"
                 )
                 log.event("train", step=step, train_loss=loss, tok_s=tok_s, train_time_ms=now_ms)
-            reached = cap_ms is not None and now_ms >= cap_ms
-            if b.world_size > 1 and cap_ms is not None:
-                reached = b.all_reduce_max(float(reached)) > 0  # every rank stops at the same step
+            # Every rank stops at the same step, for the wallclock cap and for a signal.
+            sig, reached = self._agree_stop(cap_ms is not None and now_ms >= cap_ms)
             if stop_after is None and reached:
                 stop_after = step
+            if sig or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
+                train_ms += 1000 * (time.perf_counter() - t0)  # checkpoint time is not training time
+                path = self._checkpoint(step, train_ms, stream, stop_after)
+                if sig:
+                    log.close_progress()
+                    raise ckpt_io.Interrupted(sig, step, path)
+                t0 = time.perf_counter()
         log.close_progress()
         return {"steps": step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time_ms": train_ms,
                 "tok_s": step * t.batch_tokens / max(train_ms / 1000, 1e-9)}
@@ -145,6 +277,9 @@ class Trainer:
         """Save weights and the artifact, evaluate the dequantized round trip, write the final record."""
         cfg, b, log = self.cfg, self.backend, self.log
         weights = b.get_weights()
+        bad = ckpt_io.nonfinite(weights)
+        if bad:
+            raise FloatingPointError(f"non-finite weights ({', '.join(bad[:3])}); nothing exported. {self._nan_hint()}")
         art_path = out_dir / f"model.{cfg.artifact.scheme}-{cfg.artifact.codec}.art"
         if b.rank == 0:
             save_weights(out_dir / "model.safetensors", cfg.model, weights)

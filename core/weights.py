@@ -15,6 +15,7 @@ from core.spec import ModelSpec
 # One metadata key: safetensors writes several keys in a random order, and weight files should be
 # byte-identical for identical weights.
 SPEC_KEY = "loopgolf.spec"
+FLOAT_DTYPES = ("F16", "F32", "F64")  # safetensors names of the dtypes load_weights accepts (as float32)
 
 
 def check_weights(spec: ModelSpec, weights: dict[str, np.ndarray], source: str) -> None:
@@ -52,9 +53,14 @@ def read_spec_metadata(path: str | Path) -> ModelSpec:
     path = Path(path)
     header = read_header(path)
     meta = header.get("__metadata__") or {}
-    if SPEC_KEY not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get(SPEC_KEY), str):
         raise UserError(f"{path}: safetensors file has no '{SPEC_KEY}' metadata; not a loopgolf weight file")
-    return ModelSpec.from_json(meta[SPEC_KEY], source=str(path))
+    try:
+        return ModelSpec.from_json(meta[SPEC_KEY], source=str(path))
+    except (RecursionError, ValueError) as e:  # nested too deeply; an integer of more than 4300 digits
+        raise UserError(f"{path}: the model spec is not valid JSON ({type(e).__name__})") from None
+    except UserError as e:
+        raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def load_weights(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
@@ -63,6 +69,11 @@ def load_weights(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
 
     path = Path(path)
     spec = read_spec_metadata(path)
+    for name, entry in read_header(path).items():  # numpy has no bfloat16; integers are not weights
+        dtype = entry.get("dtype") if isinstance(entry, dict) else entry
+        if name != "__metadata__" and dtype not in FLOAT_DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has dtype {dtype!r}; "
+                            f"a weight file holds {', '.join(FLOAT_DTYPES)}")
     try:
         weights = load(path.read_bytes())
     except (SafetensorError, ValueError) as e:
@@ -85,7 +96,7 @@ def read_header(path: Path) -> dict:
             raise UserError(f"{path}: safetensors header claims {n} bytes but the file has {size}")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
             raise UserError(f"{path}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: safetensors header is not a JSON object")

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="data root with manifest.json, or a dataset directory (overrides data.path)")
     train.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     train.add_argument("--init", help="start from these weights (safetensors) instead of a fresh init")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out RUN_DIR from its newest complete checkpoint (same config; "
+                            "see train.checkpoint_every)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: on when stderr is a terminal)")
     train.add_argument("--nproc", type=int, default=None, metavar="N",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
+from core import checkpoint as ckpt_io
 from core.atomic import atomic_write_text
 from core.bpb import build_byte_luts, check_vocab
 from core.config import RunConfig, load_config
@@ -130,6 +133,29 @@ def initial_weights(cfg: RunConfig, init_path: str | None):
     return weights
 
 
+def resume_command(args, out_dir: Path, world_size: int) -> str:
+    """The command line that continues this run: the same arguments, its --out and ranks, and --resume."""
+    argv = [a for a in getattr(args, "argv", None) or ["train"] if a != "--resume"]
+    if not args.out:
+        argv += ["--out", str(out_dir)]
+    if world_size > 1 and not any(a == "--nproc" or a.startswith("--nproc=") for a in argv):
+        argv += ["--nproc", str(world_size)]  # under --nproc the ranks' own arguments lack it
+    return shlex.join(["loopgolf", *argv, "--resume"])
+
+
+def check_resume(args, cfg: RunConfig, train_files) -> Path | None:
+    """--resume: the checkpoint to continue from. Without it, a run directory holding checkpoints is refused."""
+    if not args.resume:
+        if args.out:
+            ckpt_io.refuse_fresh_run(args.out)
+        return None
+    if not args.out:
+        raise UserError("--resume needs --out RUN_DIR: the run directory to continue")
+    if args.init:
+        raise UserError("--resume continues from the run's newest checkpoint and cannot be combined with --init")
+    return ckpt_io.resolve_resume(args.out, cfg, train_files)
+
+
 def run_train(args) -> int:
     backend_name, nproc, profile_defaults, note = resolve_launch(args)
     cfg = load_run_config(args, profile_defaults)
@@ -138,10 +164,13 @@ def run_train(args) -> int:
     data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
     sp = load_tokenizer(data.tokenizer_path)
     check_vocab(sp, cfg.model.vocab_size, data.tokenizer_path)
+    resume_path = check_resume(args, cfg, data.train_files)
     if nproc > 1 and "RANK" not in os.environ:  # mistakes above are reported once, before any rank starts
         from backend_torch.launch import launch
 
         micro_batch_tokens(cfg.train, nproc)
+        if resume_path:
+            ckpt_io.load_checkpoint(resume_path, cfg.model)  # a damaged checkpoint: one error, not one per rank
         return launch(nproc, args.argv)  # the ranks run this same command under torchrun
     luts = build_byte_luts(sp, cfg.model.vocab_size)
     val_tokens = load_val_tokens(data.val_files, cfg.train.seq_len)
@@ -149,7 +178,13 @@ def run_train(args) -> int:
         keep = (min(cfg.train.val_max_tokens, len(val_tokens) - 1) // cfg.train.seq_len) * cfg.train.seq_len
         val_tokens = val_tokens[: keep + 1]
 
-    backend = build_backend(backend_name, cfg.model, initial_weights(cfg, args.init), cfg.train, cfg.optim)
+    resume = ckpt_io.load_checkpoint(resume_path, cfg.model) if resume_path else None
+    weights = resume.weights if resume else initial_weights(cfg, args.init)
+    backend = build_backend(backend_name, cfg.model, weights, cfg.train, cfg.optim)
+    if resume is not None and backend.world_size > 1:  # every rank continues from the same checkpoint
+        s = float(resume.step)
+        if backend.all_reduce_max(s) != s or backend.all_reduce_max(-s) != -s:
+            raise UserError(f"--resume: the ranks found different newest checkpoints in {resume_path.parent}")
     stamp = backend.all_reduce_max(time.time())  # every rank names the same run directory
     out_dir = Path(args.out) if args.out else default_out_dir(args.config, stamp)
     if backend.rank == 0:
@@ -173,8 +208,21 @@ def run_train(args) -> int:
         )
         log.event("start", backend=backend.name, device=backend.device, world_size=backend.world_size,
                   params=unique, effective_params=effective, config=cfg.source, spec=cfg.model.to_dict())
-        trainer = Trainer(cfg, backend, data.train_files, val_tokens, luts, log)
-        result = trainer.run()
+        written = (resume.meta.get("backend"), resume.meta.get("world_size")) if resume else None
+        if resume is not None and written != (backend.name, backend.world_size):
+            log.line(f"note: {resume.path} was written by {written[0]} on {written[1]} rank(s); continuing with "
+                     f"{backend.name} on {backend.world_size}: the same maths, not bit-exact")
+        trainer = Trainer(cfg, backend, data.train_files, val_tokens, luts, log, out_dir=out_dir)
+        try:
+            result = trainer.run(resume)
+        except ckpt_io.Interrupted as e:
+            name = signal.Signals(e.signum).name
+            log.line(f"stopped: {name} after step:{e.step}/{t.iterations} checkpoint:{e.checkpoint}")
+            log.event("stopped", signal=name, step=e.step, checkpoint=str(e.checkpoint) if e.checkpoint else None)
+            if backend.rank == 0:
+                print(f"loopgolf: stopped by {name} after step {e.step}; checkpoint written to {e.checkpoint}\n"
+                      f"resume with: {resume_command(args, out_dir, backend.world_size)}", file=sys.stderr, flush=True)
+            return 128 + e.signum
         final = trainer.export(out_dir, result)
         log.line(
             f"done: val_bpb {final['val_bpb']:.4f}, round trip {final['roundtrip_val_bpb']:.4f}, "
