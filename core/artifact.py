@@ -85,11 +85,15 @@ def _zstd_compress(data: bytes, level: int) -> bytes:
 
 
 def _zstd_decompress(data: bytes, size: int) -> bytes:
-    # zstandard allocates the size a frame's header declares, ignoring max_output_size: check it first.
     content = zstandard.get_frame_parameters(data).content_size
     if content not in (size, zstandard.CONTENTSIZE_UNKNOWN):
         raise _Malformed(f"the zstd frame declares {content} bytes, the prefix {size}")
-    out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+    # The streaming decompressor grows its output with the data actually produced; the one-shot API
+    # would allocate whatever the frame header declares (up to the 1 GiB cap) for a 100-byte file.
+    stream = zstandard.ZstdDecompressor().decompressobj()
+    out = stream.decompress(data)
+    if stream.unused_data:
+        raise _Malformed(f"{len(stream.unused_data)} bytes follow the zstd frame")
     if len(out) != size:
         raise _Malformed(f"the payload inflates to {len(out)} bytes, the prefix declares {size}")
     return out

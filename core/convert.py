@@ -131,7 +131,8 @@ def _spec_json(text, source: str) -> ModelSpec:
 
 
 def _read_safetensors(path: Path) -> Loaded:
-    if SPEC_KEY in (read_safetensors_header(path).get("__metadata__") or {}):
+    metadata = read_safetensors_header(path).get("__metadata__")
+    if isinstance(metadata, dict) and SPEC_KEY in metadata:
         spec, weights = load_weights(path)
         return Loaded(weights, spec, "safetensors")
     from safetensors.numpy import load
