@@ -204,6 +204,11 @@ def _encode_payload(spec_json: dict, qw: QuantizedWeights) -> tuple[bytes, int]:
     return struct.pack("<Q", len(header)) + header + b"".join(chunks), len(header)
 
 
+def encode_payload(spec_json: dict, qw: QuantizedWeights) -> tuple[bytes, int]:
+    """The uncompressed payload of already-quantized weights and its header length (for size tools)."""
+    return _encode_payload(spec_json, qw)
+
+
 def encode_artifact(spec_json: dict, qw: QuantizedWeights, codec: str = "zlib",
                     level: int | None = None) -> tuple[bytes, ArtifactInfo]:
     """Serialize already-quantized weights: (artifact bytes, its info)."""

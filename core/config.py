@@ -88,9 +88,45 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactConfig:
+    """[artifact]: how the final weights are quantized and compressed (core/quant.py, core/artifact.py).
+
+    scheme: the default quantization scheme: "int8" (upstream's rule, exactly), "int4".."int7" and
+        "int8_search" (per-row intN with #895's clip-percentile search), "fp16" (no quantization).
+    rules: ordered "PATTERN=SCHEME" strings; a tensor takes the scheme of the first fnmatch pattern that
+        matches its full name, else `scheme`. E.g. attention int7, MLP int5, the embedding upstream int8:
+            rules = ["*.attn.*=int7", "*.mlp.*=int5", "tok_emb.weight=int8"]
+        (or "tok_emb.weight=fp16" to keep it in fp16). Scalars and tensors of 65,536 elements or fewer
+        pass through under every scheme (fp16; control tensors fp32).
+    codec, level: "zlib" (default level 9), "zstd" (22, single-threaded) or "lzma" (9); no level means the
+        codec's default. The artifact records the codec with its level and the scheme with its rules.
+    """
+
     scheme: str = "int8"
     codec: str = "zlib"
-    level: int = 9
+    level: int | None = None
+    rules: list[str] = ()
+
+    def __post_init__(self):
+        from core.artifact import CODECS
+        from core.quant import compose_scheme
+
+        compose_scheme(self.scheme, self.rules, where="artifact")  # one clear error for a bad scheme or rule
+        if self.codec not in CODECS:
+            raise UserError(f"artifact.codec = {self.codec!r}: expected one of {', '.join(CODECS)}")
+        c = CODECS[self.codec]
+        if self.level is None:
+            object.__setattr__(self, "level", c.default_level)
+        elif self.level not in c.levels:
+            raise UserError(f"artifact.level = {self.level}: codec {self.codec} takes "
+                            f"{c.levels.start}..{c.levels.stop - 1}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    @property
+    def quant_scheme(self) -> str:
+        """The scheme name to quantize with and record in the artifact: `scheme` plus its rules."""
+        from core.quant import compose_scheme
+
+        return compose_scheme(self.scheme, self.rules)
 
 
 @dataclasses.dataclass(frozen=True)

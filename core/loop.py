@@ -283,7 +283,7 @@ class Trainer:
         art_path = out_dir / f"model.{cfg.artifact.scheme}-{cfg.artifact.codec}.art"
         if b.rank == 0:
             save_weights(out_dir / "model.safetensors", cfg.model, weights)
-            artifact_io.write_artifact(art_path, cfg.model.to_dict(), weights, scheme=cfg.artifact.scheme,
+            artifact_io.write_artifact(art_path, cfg.model.to_dict(), weights, scheme=cfg.artifact.quant_scheme,
                                        codec=cfg.artifact.codec, level=cfg.artifact.level)
         b.all_reduce_max(0.0)  # barrier: the artifact exists before any rank reads it
         _, roundtrip_weights, info = artifact_io.read_artifact(art_path)

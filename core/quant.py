@@ -10,11 +10,29 @@ reproduced bit for bit against torch on CPU:
 - smaller float tensors pass through as fp16, except control tensors (names containing
   `CONTROL_NAME_PATTERNS`), which stay fp32;
 - non-float tensors pass through exactly.
+
+Other schemes (same passthrough rule for small, control and non-float tensors):
+
+- "int4" .. "int7", and "int8_search": per-row intN, codes in +/-(2^(N-1)-1) stored as int8, one fp16
+  scale per row (one per tensor, as a 1-element row, for shapes other than 2-D), no 1/127 floor. The
+  row's clip is chosen by reconstruction error (#895's "GPTQ-lite"): for every percentile in
+  `CLIP_SEARCH_PERCENTILES` (1.0, no clipping, among them) the row is quantized with the fp16 scale
+  that will be stored, and the candidate with the lowest squared error wins (the first on a tie).
+- "fp16": every float tensor is stored as fp16 whatever its size (control tensors fp32): the
+  embedding passthrough option. Upstream's "int8" is the int8 embedding option.
+
+A per-tensor mix is one composite name, "DEFAULT;PATTERN=SCHEME;PATTERN=SCHEME...": each tensor takes
+the scheme of the first fnmatch PATTERN (over the full tensor name) that matches it, else DEFAULT. The
+composite name is what the artifact header records, so a reader resolves every tensor's scheme from
+its name alone; with no rules the name is just DEFAULT, and "int8" artifacts are unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+import functools
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -190,18 +208,217 @@ class Int8CleanPerRow:
         return None
 
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (Int8CleanPerRow(),)}
+# ---- intN per row with a clip-percentile search ("GPTQ-lite", #895) -----------------------------------
+
+CLIP_SEARCH_PERCENTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999, 1.0)
+FP16_MAX = 65504.0
+SCALE_FLOOR = 2.0**-24  # the smallest fp16 (subnormal): a zero row keeps a nonzero step and all-zero codes
+
+
+def int_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def fp16_step(clip: np.ndarray, qmax: int) -> np.ndarray:
+    """The fp16 step stored for a clip: clip/qmax, kept within fp16's finite positive range."""
+    step = np.minimum(np.maximum(clip.astype(np.float32) / np.float32(qmax), np.float32(SCALE_FLOOR)),
+                      np.float32(FP16_MAX))
+    return step.astype(np.float16)
+
+
+def quantize_rows_with_step(w2: np.ndarray, step16: np.ndarray, qmax: int) -> np.ndarray:
+    """Round-to-nearest codes of a float32 (rows, cols) array with a per-row fp16 step; values beyond
+    qmax steps are clipped there."""
+    s = step16.astype(np.float32)[:, None]
+    return np.clip(np.rint(w2 / s), -qmax, qmax).astype(np.int8)
+
+
+def row_sq_error(w2: np.ndarray, q: np.ndarray, step16: np.ndarray) -> np.ndarray:
+    deq = q.astype(np.float32) * step16.astype(np.float32)[:, None]
+    diff = deq.astype(np.float64) - w2
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def quantize_rows_clip_search(w2: np.ndarray, qmax: int,
+                              percentiles: Iterable[float] = CLIP_SEARCH_PERCENTILES) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, fp16 steps) for a float32 (rows, cols) array: per row, the candidate clip
+    percentile whose quantize-dequantize squared error is lowest (the first candidate on a tie)."""
+    percentiles = tuple(float(p) for p in percentiles)
+    rows = w2.shape[0]
+    if w2.size == 0:
+        return np.zeros(w2.shape, np.int8), np.ones(rows, np.float16)
+    clips = np.quantile(np.abs(w2), percentiles, axis=1)  # (P, rows); 1.0 is the row's max |w|
+    best_q = best_s = best_err = None
+    for clip in clips:
+        step = fp16_step(clip, qmax)
+        q = quantize_rows_with_step(w2, step, qmax)
+        err = row_sq_error(w2, q, step)
+        if best_q is None:
+            best_q, best_s, best_err = q, step, err
+            continue
+        better = err < best_err
+        if better.any():
+            best_q[better] = q[better]
+            best_s[better] = step[better]
+            best_err[better] = err[better]
+    return best_q, best_s
+
+
+def _rows_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """2-D tensors are quantized per row; any other shape as one row."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    n = int(np.prod(shape))
+    return 1, n
+
+
+class IntNClipSearch:
+    """Per-row intN with a clip-percentile search (see the module docstring)."""
+
+    def __init__(self, bits: int, name: str | None = None):
+        self.bits = bits
+        self.qmax = int_qmax(bits)
+        self.name = name or f"int{bits}"
+
+    def quantize_tensor(self, name: str, w: np.ndarray) -> QuantizedTensor:
+        if not is_float_dtype(w.dtype) or w.size <= KEEP_FLOAT_MAX_NUMEL:
+            return passthrough_tensor(name, w)
+        w32 = np.ascontiguousarray(w, dtype=np.float32)
+        w2 = w32.reshape(_rows_view(w32.shape))
+        q, step = quantize_rows_clip_search(w2, self.qmax)
+        return QuantizedTensor(ROLE_QUANTIZED, q.reshape(w32.shape), step)
+
+    def dequantize_tensor(self, name: str, t: QuantizedTensor) -> np.ndarray:
+        if t.role == ROLE_PASSTHROUGH:
+            return dequantize_passthrough(t)
+        q2 = t.data.reshape(_rows_view(t.data.shape)).astype(np.float32)
+        return (q2 * t.scale.astype(np.float32)[:, None]).reshape(t.data.shape)
+
+    def check_tensor(self, name: str, t: QuantizedTensor) -> str | None:
+        if t.role == ROLE_PASSTHROUGH:
+            return Int8CleanPerRow().check_tensor(name, t)
+        if t.role != ROLE_QUANTIZED:
+            return f"unknown role {t.role!r}"
+        if t.data.dtype != np.int8:
+            return f"quantized data has dtype {t.data.dtype}, expected int8"
+        if t.data.size <= KEEP_FLOAT_MAX_NUMEL:
+            return f"a quantized tensor has {t.data.size} elements; {self.name} quantizes only more than {KEEP_FLOAT_MAX_NUMEL}"
+        if t.data.size and (int(t.data.min()) < -self.qmax or int(t.data.max()) > self.qmax):
+            return f"quantized codes outside [-{self.qmax}, {self.qmax}] for {self.name}"
+        rows = _rows_view(t.data.shape)[0]
+        if t.scale is None:
+            return "a quantized tensor has no scale"
+        if t.scale.dtype != np.float16 or t.scale.shape != (rows,):
+            return f"scale is {t.scale.dtype}{list(t.scale.shape)}, expected float16[{rows}] for {self.name}"
+        if not np.all(np.isfinite(t.scale)) or np.any(t.scale <= 0):
+            return "scales must be finite and positive"
+        return None
+
+
+class Fp16Passthrough:
+    """Every float tensor as fp16 (control tensors fp32), whatever its size: the embedding option."""
+
+    name = "fp16"
+
+    def quantize_tensor(self, name: str, w: np.ndarray) -> QuantizedTensor:
+        return passthrough_tensor(name, w)
+
+    def dequantize_tensor(self, name: str, t: QuantizedTensor) -> np.ndarray:
+        return dequantize_passthrough(t)
+
+    def check_tensor(self, name: str, t: QuantizedTensor) -> str | None:
+        if t.role != ROLE_PASSTHROUGH:
+            return f"role {t.role!r}: the fp16 scheme stores every tensor as it is"
+        if t.scale is not None:
+            return "a passthrough tensor has a scale"
+        if t.data.dtype.kind == "f" and t.data.dtype != (np.float32 if is_control_name(name) else np.float16):
+            return f"passthrough dtype {t.data.dtype} breaks the fp16 scheme's fp16/fp32 rule"
+        return None
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Int8CleanPerRow(), *(IntNClipSearch(b) for b in range(4, 8)), IntNClipSearch(8, "int8_search"),
+    Fp16Passthrough(),
+)}
+
+# ---- per-tensor rules: "DEFAULT;PATTERN=SCHEME;..." ----------------------------------------------------
+
+_PATTERN_OK = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
+
+
+def parse_rule(text: str, where: str = "rule") -> tuple[str, str]:
+    """'blocks.*.mlp.*=int5' -> ('blocks.*.mlp.*', 'int5'), each part checked."""
+    if not isinstance(text, str) or text.count("=") != 1:
+        raise UserError(f"{where} = {text!r}: expected 'PATTERN=SCHEME', e.g. '*.mlp.*=int5'")
+    pattern, scheme = (p.strip() for p in text.split("="))
+    if not _PATTERN_OK.fullmatch(pattern):
+        raise UserError(f"{where} = {text!r}: the pattern may hold only letters, digits and _ . * ? [ ] ! -")
+    if scheme not in SCHEMES:
+        raise UserError(f"{where} = {text!r}: unknown quantization scheme {scheme!r}; known: {', '.join(sorted(SCHEMES))}")
+    return pattern, scheme
+
+
+def compose_scheme(default: str, rules: Iterable[str] = (), where: str = "") -> str:
+    """The one scheme name (as recorded in an artifact) for a default scheme and ordered rules.
+    `where` ("artifact") prefixes the key names in error messages."""
+    prefix = f"{where}." if where else ""
+    if default not in SCHEMES:
+        raise UserError(f"{prefix}scheme = {default!r}: unknown quantization scheme; known: {', '.join(sorted(SCHEMES))}")
+    parsed = [parse_rule(r, f"{prefix}rules[{i}]") for i, r in enumerate(rules)]
+    return ";".join([default] + [f"{p}={s}" for p, s in parsed])
+
+
+class RuleScheme:
+    """A default scheme plus first-match fnmatch rules over tensor names."""
+
+    def __init__(self, name: str):
+        default, *rules = name.split(";")
+        self.name = compose_scheme(default, rules)
+        if self.name != name:
+            raise UserError(f"scheme {name!r} is not in canonical form (expected {self.name!r})")
+        self.default = default
+        self.rules = tuple(parse_rule(r) for r in rules)
+
+    def scheme_name_for(self, tensor: str) -> str:
+        for pattern, scheme in self.rules:
+            if fnmatch.fnmatchcase(tensor, pattern):
+                return scheme
+        return self.default
+
+    def quantize_tensor(self, name: str, w: np.ndarray) -> QuantizedTensor:
+        return SCHEMES[self.scheme_name_for(name)].quantize_tensor(name, w)
+
+    def dequantize_tensor(self, name: str, t: QuantizedTensor) -> np.ndarray:
+        return SCHEMES[self.scheme_name_for(name)].dequantize_tensor(name, t)
+
+    def check_tensor(self, name: str, t: QuantizedTensor) -> str | None:
+        sub = self.scheme_name_for(name)
+        reason = SCHEMES[sub].check_tensor(name, t)
+        return None if reason is None else f"{reason} (scheme {sub} by the rules)"
+
+
+@functools.lru_cache(maxsize=64)
+def _rule_scheme(name: str) -> RuleScheme:
+    return RuleScheme(name)
 
 
 def get_scheme(name: str) -> Scheme:
-    try:
+    if isinstance(name, str) and name in SCHEMES:
         return SCHEMES[name]
-    except (KeyError, TypeError):
-        raise UserError(f"unknown quantization scheme {name!r}; known: {', '.join(sorted(SCHEMES))}") from None
+    if isinstance(name, str) and ";" in name:
+        return _rule_scheme(name)
+    raise UserError(f"unknown quantization scheme {name!r}; known: {', '.join(sorted(SCHEMES))}")
+
+
+def scheme_for_tensor(scheme: str, tensor: str) -> str:
+    """The base scheme that `scheme` (plain or composite) applies to one tensor name."""
+    s = get_scheme(scheme)
+    return s.scheme_name_for(tensor) if isinstance(s, RuleScheme) else s.name
 
 
 def quantize_weights(weights: Mapping[str, np.ndarray], scheme: str = "int8") -> QuantizedWeights:
-    """Quantize every tensor of `weights` with `scheme`. Deterministic; `weights` is not modified."""
+    """Quantize every tensor of `weights` with `scheme` (a name in SCHEMES or a composite
+    "DEFAULT;PATTERN=SCHEME;..." name, see compose_scheme). Deterministic; `weights` is not modified."""
     s = get_scheme(scheme)
     out: dict[str, QuantizedTensor] = {}
     for name in sorted(weights):

@@ -8,8 +8,8 @@ import sys
 from core.errors import UserError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="run config TOML (see configs/)")
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="run config TOML (see configs/)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config key, e.g. --set train.iterations=50 (repeatable)")
     p.add_argument("--small", action="store_true",
@@ -41,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="print the resolved run (world size, batch split, parameters, memory estimate) and exit")
 
-    size = sub.add_parser("size", help="parameter counts (unique and effective) for a config")
-    _add_config_args(size)
+    size = sub.add_parser("size", help="parameters and artifact bytes vs 16,000,000: a config (before) or a run (after)")
+    _add_config_args(size, required=False)
+    size.add_argument("--run", metavar="RUN_DIR", help="report a finished run's artifact instead of a config")
+    from tools.budget import add_parser as add_budget_parser
+
+    add_budget_parser(sub)
     from tools.convert import add_parser as add_convert_parser
 
     add_convert_parser(sub)
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from tools.size import run_size
 
             return run_size(args)
+        if args.command == "budget":
+            from tools.budget import run_budget
+
+            return run_budget(args)
     except UserError as e:
         print(f"loopgolf: error: {e}", file=sys.stderr)
         return 2
