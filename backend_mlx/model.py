@@ -53,8 +53,10 @@ def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array) -> mx.arr
     return x
 
 
-def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32) -> mx.array:
-    """Final-normed hidden states (batch, seq, dim). U-Net skips run over effective layers."""
+def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32,
+                  collect: list | None = None) -> mx.array:
+    """Final-normed hidden states (batch, seq, dim). U-Net skips run over effective layers.
+    `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
     x = rms_norm(p["tok_emb.weight"][tokens], spec.norm_eps).astype(dtype)
     x0 = x
     skips = []
@@ -63,22 +65,32 @@ def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32) 
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].astype(dtype)
             x = x + skip_w * skips.pop()
         x = block(spec, p, b, x, x0)
+        if collect is not None:
+            collect.append(x)
         if layer < spec.num_encoder_layers:
             skips.append(x)
     return rms_norm(x, spec.norm_eps)
+
+
+def softcap(z: mx.array, cap: float) -> mx.array:
+    return cap * mx.tanh(z / cap)
 
 
 def logits(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32) -> mx.array:
     """Soft-capped float32 logits (batch, seq, vocab)."""
     head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
     z = linear(hidden_states(spec, p, tokens, dtype), head).astype(mx.float32)
-    return spec.logit_softcap * mx.tanh(z / spec.logit_softcap)
+    return softcap(z, spec.logit_softcap)
+
+
+def cross_entropy(z: mx.array, y: mx.array) -> mx.array:
+    """Per-token cross-entropy in nats of float32 logits (batch, seq, vocab) against ids (batch, seq)."""
+    return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, y[..., None], axis=-1)[..., 0]
 
 
 def token_losses(spec: ModelSpec, p: dict, x: mx.array, y: mx.array, dtype=mx.float32) -> mx.array:
     """Per-token cross-entropy in nats, float32 (batch, seq)."""
-    z = logits(spec, p, x, dtype)
-    return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, y[..., None], axis=-1)[..., 0]
+    return cross_entropy(logits(spec, p, x, dtype), y)
 
 
 def mean_loss(spec: ModelSpec, p: dict, x: mx.array, y: mx.array, dtype=mx.float32) -> mx.array:

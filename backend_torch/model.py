@@ -61,8 +61,10 @@ def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor) -
     return x
 
 
-def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Final-normed hidden states (batch, seq, dim). U-Net skips run over effective layers."""
+def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32,
+                  collect: list | None = None) -> torch.Tensor:
+    """Final-normed hidden states (batch, seq, dim). U-Net skips run over effective layers.
+    `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
     x = rms_norm(F.embedding(tokens, p["tok_emb.weight"]), spec.norm_eps).to(dtype)
     x0 = x
     skips = []
@@ -71,22 +73,32 @@ def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.fl
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].to(dtype)
             x = x + skip_w * skips.pop()
         x = block(spec, p, b, x, x0)
+        if collect is not None:
+            collect.append(x)
         if layer < spec.num_encoder_layers:
             skips.append(x)
     return rms_norm(x, spec.norm_eps)
+
+
+def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(z / cap)
 
 
 def logits(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Soft-capped float32 logits (batch, seq, vocab)."""
     head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
     z = linear(hidden_states(spec, p, tokens, dtype), head).to(torch.float32)
-    return spec.logit_softcap * torch.tanh(z / spec.logit_softcap)
+    return softcap(z, spec.logit_softcap)
+
+
+def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in nats of float32 logits (batch, seq, vocab) against ids (batch, seq)."""
+    return torch.logsumexp(z, dim=-1) - torch.gather(z, -1, y[..., None].long())[..., 0]
 
 
 def token_losses(spec: ModelSpec, p: dict, x: torch.Tensor, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Per-token cross-entropy in nats, float32 (batch, seq)."""
-    z = logits(spec, p, x, dtype)
-    return torch.logsumexp(z, dim=-1) - torch.gather(z, -1, y[..., None].long())[..., 0]
+    return cross_entropy(logits(spec, p, x, dtype), y)
 
 
 def mean_loss(spec: ModelSpec, p: dict, x: torch.Tensor, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

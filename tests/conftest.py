@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Before anything imports torch: idle OpenMP threads sleep instead of spinning, so torch and MLX in one
+# process do not fight over the 2 CI cores (backend_torch/__init__.py sets the same default).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

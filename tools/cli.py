@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_budget_parser(sub)
     from tools.convert import add_parser as add_convert_parser
+    from tools.parity import add_parser as add_parity_parser
 
     add_convert_parser(sub)
+    add_parity_parser(sub)
     return parser
 
 
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from tools.train import run_train
 
             return run_train(args)
+        if args.command == "parity":
+            from tools.parity import run_parity
+
+            return run_parity(args)
         if args.command == "convert":
             from tools.convert import run_convert
 
@@ -90,6 +96,8 @@ def _will_use_mlx(argv: list[str]) -> bool:
         args, _ = build_parser().parse_known_args(argv)
     except SystemExit:
         return False
+    if args.command == "parity":
+        return True  # parity always runs MLX beside torch
     if getattr(args, "backend", None) is None:
         return False
     from tools.backends import resolve_backend

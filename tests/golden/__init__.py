@@ -1,0 +1,1 @@
+"""The golden trajectory (see regenerate.py)."""
