@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget_parser(sub)
     from tools.convert import add_parser as add_convert_parser
     from tools.parity import add_parser as add_parity_parser
+    from tools.quantize import add_parser as add_quantize_parser
 
     add_convert_parser(sub)
     add_parity_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from tools.train import run_train
 
             return run_train(args)
+        if args.command == "quantize":
+            from tools.quantize import run_quantize
+
+            return run_quantize(args)
         if args.command == "parity":
             from tools.parity import run_parity
 

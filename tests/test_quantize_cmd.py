@@ -1,0 +1,33 @@
+"""`loopgolf quantize`: weights to an artifact that reads back to the same dequantized weights."""
+
+import numpy as np
+
+from core.artifact import build_artifact, read_artifact
+from core.params import init_weights
+from core.spec import ModelSpec
+from core.weights import save_weights
+from tools.cli import main
+
+SPEC = ModelSpec.from_table({"vocab_size": 512, "model_dim": 256, "num_heads": 4, "num_kv_heads": 2, "layer_plan": "2x2"})
+
+
+def test_quantize_writes_the_artifact_a_run_would(tmp_path, capsys):
+    weights = init_weights(SPEC, 7)
+    save_weights(tmp_path / "w.safetensors", SPEC, weights)
+    out = tmp_path / "m.art"
+    assert main(["quantize", str(tmp_path / "w.safetensors"), "--out", str(out), "--codec", "zstd",
+                 "--rule", "*.mlp.*=int5"]) == 0
+    assert out.read_bytes() == build_artifact(SPEC.to_dict(), weights, scheme="int8;*.mlp.*=int5", codec="zstd")
+    spec_json, deq, info = read_artifact(out)
+    assert spec_json == SPEC.to_dict() and info.codec_label == "zstd-22"
+    assert np.abs(deq["blocks.0.mlp.fc.weight"] - weights["blocks.0.mlp.fc.weight"]).max() > 0  # int5 is lossy
+    assert "zstd-22" in capsys.readouterr().out
+
+
+def test_quantize_refuses_bad_input(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.art")]) == 2
+    assert "not found" in capsys.readouterr().err
+    save_weights(tmp_path / "w.safetensors", SPEC, init_weights(SPEC, 7))
+    assert main(["quantize", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "x.art"), "--codec", "rar"]) == 2
+    assert "--codec 'rar'" in capsys.readouterr().err
+    assert not (tmp_path / "x.art").exists()
