@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from core.errors import UserError
@@ -14,6 +15,17 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config key, e.g. --set train.iterations=50 (repeatable)")
     p.add_argument("--small", action="store_true",
                    help="shrink width and sequence length for a quick check, keeping the topology")
+
+
+# Each command's implementation, imported only when it runs (so --help needs neither MLX nor torch).
+COMMANDS = {
+    "train": ("tools.train", "run_train"),
+    "size": ("tools.size", "run_size"),
+    "budget": ("tools.budget", "run_budget"),
+    "quantize": ("tools.quantize", "run_quantize"),
+    "parity": ("tools.parity", "run_parity"),
+    "convert": ("tools.convert", "run_convert"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,31 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # torch --nproc re-launches the same command
+    module, function = COMMANDS[args.command]
     try:
-        if args.command == "train":
-            from tools.train import run_train
-
-            return run_train(args)
-        if args.command == "quantize":
-            from tools.quantize import run_quantize
-
-            return run_quantize(args)
-        if args.command == "parity":
-            from tools.parity import run_parity
-
-            return run_parity(args)
-        if args.command == "convert":
-            from tools.convert import run_convert
-
-            return run_convert(args)
-        if args.command == "size":
-            from tools.size import run_size
-
-            return run_size(args)
-        if args.command == "budget":
-            from tools.budget import run_budget
-
-            return run_budget(args)
+        return getattr(importlib.import_module(module), function)(args)
     except UserError as e:
         print(f"loopgolf: error: {e}", file=sys.stderr)
         return 2
@@ -94,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loopgolf: interrupted", file=sys.stderr)
         return 130
-    return 1
 
 
 def _will_use_mlx(argv: list[str]) -> bool:
