@@ -25,6 +25,7 @@ COMMANDS = {
     "quantize": ("tools.quantize", "run_quantize"),
     "parity": ("tools.parity", "run_parity"),
     "convert": ("tools.convert", "run_convert"),
+    "bench": ("tools.bench", "run_bench"),
 }
 
 
@@ -56,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     size = sub.add_parser("size", help="parameters and artifact bytes vs 16,000,000: a config (before) or a run (after)")
     _add_config_args(size, required=False)
     size.add_argument("--run", metavar="RUN_DIR", help="report a finished run's artifact instead of a config")
+    from tools.bench import add_parser as add_bench_parser
     from tools.budget import add_parser as add_budget_parser
 
     add_budget_parser(sub)
+    add_bench_parser(sub)
     from tools.convert import add_parser as add_convert_parser
     from tools.parity import add_parser as add_parity_parser
     from tools.quantize import add_parser as add_quantize_parser

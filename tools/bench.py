@@ -1,0 +1,716 @@
+"""`loopgolf bench`: steady-state training speed, model FLOPs, MFU against a measured peak, memory, eval
+and data-loader throughput; optionally side by side with the user's copy of upstream's script.
+
+What one run does, in order, in one process on one device:
+  1. build the backend from the config (core's init weights), on real shards when the config's (or
+     --data's) data resolves, else on synthetic uniform random tokens written to a temporary shard;
+  2. --warmup training steps (compile, allocator), then --steps timed steps, each timed as core.loop
+     does it: fetching the batch plus backend.train_step (which returns the loss, so it has synced);
+  3. peak memory over the timed steps (torch CUDA: max_memory_allocated; MLX: mx.get_peak_memory;
+     else the process's peak RSS, which covers everything the process ever held);
+  4. the peak: a square matrix multiply in the training compute dtype on the same device, n = the cube
+     root of the FLOPs of the model's largest product (core.flops.probe_size), timed after warm-up
+     right before and right after the timed steps, the best sample taken (so MFU is conservative);
+  5. eval throughput: backend.eval_loss_sum on one val-sized batch (train.val_batch_tokens);
+  6. the data loader alone: core.shards.TokenStream + next_batch, as the loop calls them.
+MFU = train FLOPs/token (core.flops, 3 x forward, causal attention half) x tokens/s / measured peak.
+
+--vs-upstream PATH alternates rounds of loopgolf's timed steps with a subprocess running the user's
+upstream train_gpt_mlx.py / train_gpt.py on the same shards with the same settings as upstream's
+environment variables, parses its `step:N/M train_loss:... train_time:...ms` lines, and reports the
+tokens/s ratio. Nothing of the upstream script is part of loopgolf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core.config import RunConfig, load_config
+from core.errors import UserError
+from core.flops import flops_per_token, largest_matmul, probe_size, six_n_per_token
+from core.params import count_params, init_weights
+from core.schedule import muon_momentum
+from core.shards import TokenStream, load_val_tokens, next_batch, read_shard, write_shard
+from core.spec import ModelSpec
+
+LOADER_TARGET = 50.0  # the issue's floor: loader tokens/s at least 50x the trainer's
+SYNTHETIC_MIN_TOKENS = 1 << 18
+SYNTHETIC_MAX_TOKENS = 1 << 25
+UPSTREAM_FORWARDED = {  # upstream env var -> (section, key) of the run config
+    "MATRIX_LR": ("optim", "matrix_lr"), "SCALAR_LR": ("optim", "scalar_lr"),
+    "TIED_EMBED_LR": ("optim", "tied_embed_lr"), "EMBED_LR": ("optim", "embed_lr"), "HEAD_LR": ("optim", "head_lr"),
+    "BETA1": ("optim", "beta1"), "BETA2": ("optim", "beta2"), "ADAM_EPS": ("optim", "adam_eps"),
+    "MUON_MOMENTUM": ("optim", "muon_momentum"), "MUON_MOMENTUM_WARMUP_START": ("optim", "muon_momentum_warmup_start"),
+    "MUON_MOMENTUM_WARMUP_STEPS": ("optim", "muon_momentum_warmup_steps"),
+    "MUON_BACKEND_STEPS": ("optim", "muon_backend_steps"), "GRAD_CLIP_NORM": ("optim", "grad_clip_norm"),
+    "WARMDOWN_ITERS": ("train", "warmdown_iters"), "SEED": ("train", "seed"),
+    "VAL_BATCH_SIZE": ("train", "val_batch_tokens"),
+}
+UPSTREAM_SPEC_KEYS = {"vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "num_layers", "num_blocks",
+                      "layer_plan", "tie_embeddings", "tied_embed_init_std", "rope_base", "logit_softcap",
+                      "qk_gain_init"}  # the spec fields upstream's environment variables (or the flat plan) express
+TORCH_UPSTREAM_ACCUM = 8  # upstream train_gpt.py: grad_accum_steps = 8 // world_size, one process here
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="measure training speed, FLOPs, MFU, memory, eval and loader throughput",
+        description="Warm-up, then timed training steps: ms/step, tokens/s, model FLOPs/token, achieved FLOP/s, "
+                    "MFU against a matmul peak measured in the same run, peak memory, eval and data-loader "
+                    "throughput. --vs-upstream compares with your copy of upstream's script.")
+    p.add_argument("--config", required=True, help="run config TOML (see configs/)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set train.batch_tokens=16384 (repeatable)")
+    p.add_argument("--small", action="store_true",
+                   help="shrink width and sequence length for a quick check, keeping the topology")
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
+                   help="auto: MLX on Apple Silicon, torch elsewhere")
+    p.add_argument("--data", help="data root with manifest.json, or a dataset directory (default: the config's "
+                                  "data.path; synthetic random tokens when that does not resolve)")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic uniform random tokens even if shards resolve")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps first (default 2)")
+    p.add_argument("--json", metavar="PATH", help="also write the full result as JSON to PATH")
+    p.add_argument("--probe-seconds", type=float, default=1.0,
+                   help="time spent timing the matmul peak probe, split before and after the timed steps (default 1.0)")
+    p.add_argument("--vs-upstream", metavar="PATH",
+                   help="your copy of upstream's train_gpt_mlx.py (--backend mlx) or train_gpt.py (--backend torch): "
+                        "run it on the same shards and settings, alternating with loopgolf, and report the ratio")
+    p.add_argument("--rounds", type=int, default=2, help="--vs-upstream: alternating rounds of each (default 2)")
+    p.add_argument("--upstream-env", action="append", metavar="KEY=VALUE",
+                   help="--vs-upstream: extra or overriding environment for the upstream run (repeatable)")
+    p.add_argument("--upstream-timeout", type=float, default=3600.0,
+                   help="--vs-upstream: seconds before one upstream run is stopped (default 3600)")
+    return p
+
+
+def run_bench(args) -> int:
+    result = bench(args)
+    print_result(result)
+    if args.json:
+        from core.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the measurement
+
+
+def load_bench_config(args) -> RunConfig:
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f'data.path="{args.data}"')
+    return load_config(args.config, overrides, small=args.small)
+
+
+def check_upstream_comparable(cfg: RunConfig, backend: str) -> None:
+    """Upstream's scripts run flat models only: refuse what they cannot express, before any work."""
+    spec = cfg.model
+    if spec.layer_plan != tuple(range(spec.num_layers)) or spec.num_blocks != spec.num_layers:
+        plan = " ".join(map(str, spec.layer_plan))
+        raise UserError(
+            f"--vs-upstream compares flat plans only (upstream has no weight sharing); this config's "
+            f"model.layer_plan is [{plan}] over {spec.num_blocks} block(s). Use a flat config, or e.g. "
+            f"--set model.layer_plan=flat --set model.num_layers={spec.num_layers}")
+    # Every other spec field (norm_eps, the per-iteration options, any added later) has no upstream
+    # environment variable: it must be at its default, which is upstream's behaviour.
+    defaults = ModelSpec()
+    differ = [f.name for f in dataclasses.fields(ModelSpec)
+              if f.name not in UPSTREAM_SPEC_KEYS and getattr(spec, f.name) != getattr(defaults, f.name)]
+    if differ:
+        raise UserError(f"--vs-upstream: upstream's script cannot express model.{', model.'.join(differ)} "
+                        f"(not at the default); compare a config without them")
+    if backend == "mlx" and not spec.tie_embeddings:
+        raise UserError("--vs-upstream with --backend mlx: upstream train_gpt_mlx.py supports tied embeddings only "
+                        "(model.tie_embeddings = true)")
+
+
+def resolve_bench_data(cfg: RunConfig, explicit: bool, synthetic: bool):
+    """(DataPaths or None, a sentence saying which data the run uses)."""
+    if synthetic:
+        return None, f"synthetic uniform random tokens over vocab {cfg.model.vocab_size} (--synthetic)"
+    from core.manifest import resolve_data
+
+    try:
+        data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
+    except UserError as e:
+        if explicit:
+            raise
+        return None, (f"synthetic uniform random tokens over vocab {cfg.model.vocab_size} "
+                      f"(the config's data.path {cfg.data.path!r} did not resolve: {e})")
+    if data.vocab_size != cfg.model.vocab_size:
+        msg = (f"the shards in {data.dataset_dir} have vocab {data.vocab_size} but model.vocab_size is "
+               f"{cfg.model.vocab_size}")
+        if explicit:
+            raise UserError(msg)
+        return None, f"synthetic uniform random tokens over vocab {cfg.model.vocab_size} ({msg})"
+    return data, f"shards {data.dataset_dir} ({len(data.train_files)} train, {len(data.val_files)} val)"
+
+
+def synthetic_shard(dirpath: Path, cfg: RunConfig) -> Path:
+    t = cfg.train
+    n = int(min(max(4 * (t.batch_tokens + 1), t.val_batch_tokens + 1, SYNTHETIC_MIN_TOKENS), SYNTHETIC_MAX_TOKENS))
+    tokens = np.random.default_rng(t.seed).integers(0, cfg.model.vocab_size, n, dtype=np.uint16)
+    path = dirpath / "fineweb_train_000000.bin"
+    write_shard(path, tokens)
+    return path
+
+
+def _summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "mean": statistics.fmean(values), "min": min(values),
+            "max": max(values), "all": [round(v, 4) for v in values]}
+
+
+def bench(args) -> dict:
+    from tools.backends import build_backend, resolve_backend
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError(f"--steps {args.steps} --warmup {args.warmup}: expected at least 1 timed step and 0+ warm-up")
+    backend_name = resolve_backend(args.backend)
+    upstream = getattr(args, "vs_upstream", None)
+    cfg = load_bench_config(args)
+    notes = []
+    if upstream:
+        check_upstream_comparable(cfg, backend_name)
+        if not Path(upstream).is_file():
+            raise UserError(f"--vs-upstream {upstream}: file not found")
+        if args.rounds < 1:
+            raise UserError(f"--rounds {args.rounds}: expected 1 or more")
+        if backend_name == "torch" and cfg.train.grad_accum_steps != TORCH_UPSTREAM_ACCUM:
+            # Upstream train_gpt.py on one process always splits a step into 8 micro-batches.
+            args = argparse.Namespace(**{**vars(args), "set": [*(args.set or []),
+                                                               f"train.grad_accum_steps={TORCH_UPSTREAM_ACCUM}"]})
+            cfg = load_bench_config(args)
+            notes.append(f"train.grad_accum_steps set to {TORCH_UPSTREAM_ACCUM} to match upstream train_gpt.py "
+                         f"on one process")
+    t, spec = cfg.train, cfg.model
+    micro = t.batch_tokens // t.grad_accum_steps
+    if micro < t.seq_len or micro % t.seq_len or micro * t.grad_accum_steps != t.batch_tokens:
+        from core.loop import raise_batch_error
+
+        raise_batch_error(t.batch_tokens, 1, t.grad_accum_steps, t.seq_len)
+    data, data_note = resolve_bench_data(cfg, explicit=bool(args.data), synthetic=args.synthetic)
+    if upstream and data is None:
+        raise UserError(f"--vs-upstream needs real shards and a tokenizer (upstream reads them): {data_note}; "
+                        "pass --data DIR (e.g. make_mini_shards --demo --out data)")
+
+    with tempfile.TemporaryDirectory(prefix="loopgolf-bench-") as tmp:
+        if data is None:
+            train_files = [synthetic_shard(Path(tmp), cfg)]
+            val_source = np.asarray(read_shard(train_files[0]), dtype=np.int32)
+        else:
+            train_files = data.train_files
+            val_source = load_val_tokens(data.val_files, t.seq_len)
+
+        backend = build_backend(backend_name, spec, init_weights(spec, t.seed), t, cfg.optim)
+        hooks = _hooks_for(backend)
+        try:
+            result = _measure(args, cfg, backend, hooks, train_files, val_source)
+            result["data"] = {"source": "synthetic" if data is None else "shards", "note": data_note,
+                              "path": None if data is None else str(data.dataset_dir)}
+            result["notes"] = notes
+            if upstream:
+                result["upstream"] = _compare_upstream(args, cfg, backend, hooks, train_files, data, result)
+        finally:
+            if hasattr(backend, "close"):
+                backend.close()
+    return result
+
+
+def _timed_steps(backend, cfg: RunConfig, stream: TokenStream, n: int, first_step: int = 0):
+    """Returns per-step wall ms, batch-fetch ms, losses, and the process CPU seconds the steps used."""
+    t = cfg.train
+    times, fetch, losses = [], [], []
+    cpu0 = time.process_time()
+    for i in range(n):
+        t0 = time.perf_counter()
+        batches = [next_batch(stream, t.batch_tokens, t.seq_len, t.grad_accum_steps, 0, 1)
+                   for _ in range(t.grad_accum_steps)]
+        t1 = time.perf_counter()
+        loss = backend.train_step(batches, 1.0, muon_momentum(first_step + i, cfg.optim))
+        t2 = time.perf_counter()
+        times.append(1000 * (t2 - t0))
+        fetch.append(1000 * (t1 - t0))
+        losses.append(loss)
+    return times, fetch, losses, time.process_time() - cpu0
+
+
+def _measure(args, cfg: RunConfig, backend, hooks, train_files, val_source) -> dict:
+    t, spec = cfg.train, cfg.model
+    micro = t.batch_tokens // t.grad_accum_steps
+    n = probe_size(spec, micro)
+    stream = TokenStream(train_files)
+    _timed_steps(backend, cfg, stream, args.warmup)  # untimed
+    # The peak is probed right before and right after the timed steps and the better taken: on a shared
+    # machine a burst of someone else's load during one probe would otherwise inflate MFU.
+    before = hooks.matmul_peak(n, args.probe_seconds / 2)
+    hooks.reset_peak()
+    times, fetch, losses, cpu_s = _timed_steps(backend, cfg, stream, args.steps, args.warmup)
+    peak_bytes, peak_source = hooks.peak_memory()
+    after = hooks.matmul_peak(n, args.probe_seconds / 2)
+    probe = max(before, after, key=lambda p: p["flops_per_s"])
+    probe = {**probe, "before_flops_per_s": before["flops_per_s"], "after_flops_per_s": after["flops_per_s"]}
+    median_ms = statistics.median(times)
+    tok_s = t.batch_tokens / (median_ms / 1000)
+
+    fl = flops_per_token(spec, t.seq_len)
+    six_n = six_n_per_token(spec)
+    achieved = fl.train * tok_s
+    cpu = None
+    if hooks.on_cpu:
+        # A shared CPU: the share of its cores' time the process used while stepping (low under others' load,
+        # or when kernels run single-threaded), and MFU counted in process CPU seconds against the probe's
+        # FLOPs per CPU second (less sensitive to other load; spin-waiting threads count as busy, so it is an
+        # estimate, not a measurement of a quiet machine).
+        wall_s = sum(times) / 1000
+        per_cpu_s = fl.train * t.batch_tokens * args.steps / max(cpu_s, 1e-9)
+        cpu = {"process_cpu_s": cpu_s, "wall_s": wall_s, "threads": hooks.threads(),
+               "share": cpu_s / max(wall_s * hooks.threads(), 1e-9),
+               "mfu_cpu_time": per_cpu_s / probe["flops_per_cpu_s"],
+               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+    ev = eval_throughput(backend, val_source, t.seq_len, t.val_batch_tokens)
+    loader = loader_throughput(train_files, cfg)
+    unique, effective = count_params(spec)
+    return {
+        "loopgolf_bench": 1,
+        "config": cfg.source,
+        "small": bool(args.small),
+        "overrides": list(args.set or []),
+        "backend": backend.name,
+        "device": backend.device,
+        "dtype": hooks.dtype_name,
+        "versions": hooks.versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+                    "blas": hooks.blas(), "threads": hooks.threads()},
+        "spec": spec.to_dict(),
+        "params": {"unique": unique, "effective": effective},
+        "seq_len": t.seq_len,
+        "batch_tokens": t.batch_tokens,
+        "grad_accum_steps": t.grad_accum_steps,
+        "warmup_steps": args.warmup,
+        "steps": args.steps,
+        "step_ms": _summary(times),
+        "data_fetch_ms": _summary(fetch),
+        "tokens_per_s": tok_s,
+        "tokens_per_s_mean": t.batch_tokens / (statistics.fmean(times) / 1000),
+        "flops_per_token": {**fl.to_dict(), "six_n": six_n},
+        "achieved_flops_per_s": achieved,
+        "peak": probe,
+        "mfu": achieved / probe["flops_per_s"],
+        "mfu_6n": six_n * tok_s / probe["flops_per_s"],
+        "mfu_vs_median_peak": achieved / probe["median_flops_per_s"],
+        "cpu": cpu,
+        "peak_memory_bytes": peak_bytes,
+        "peak_memory_source": peak_source,
+        "eval": ev,
+        "loader": {**loader, "ratio_to_train": loader["tokens_per_s"] / tok_s, "target_ratio": LOADER_TARGET,
+                   "ok": loader["tokens_per_s"] / tok_s >= LOADER_TARGET},
+        "largest_matmul": list(largest_matmul(spec, micro)),
+        "losses": [float(x) for x in losses],
+    }
+
+
+def eval_throughput(backend, val_tokens: np.ndarray, seq_len: int, val_batch_tokens: int, reps: int = 2) -> dict:
+    """Tokens/s of backend.eval_loss_sum on one val-sized batch (as core.loop.evaluate slices it), after one
+    untimed call (compilation)."""
+    seqs = max(min(val_batch_tokens // seq_len, (len(val_tokens) - 1) // seq_len), 1)
+    chunk = np.asarray(val_tokens[: seqs * seq_len + 1], dtype=np.int64)
+    x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
+    backend.eval_loss_sum(x, y)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        backend.eval_loss_sum(x, y)
+        times.append(time.perf_counter() - t0)
+    best = statistics.median(times)
+    return {"tokens": int(y.size), "ms": 1000 * best, "tokens_per_s": y.size / best}
+
+
+def loader_throughput(train_files, cfg: RunConfig, min_seconds: float = 0.2, min_steps: int = 3) -> dict:
+    """Tokens/s of core.shards.TokenStream + next_batch alone, a whole step's micro-batches at a time."""
+    t = cfg.train
+    stream = TokenStream(train_files)
+    tokens = steps = 0
+    t0 = time.perf_counter()
+    while steps < min_steps or time.perf_counter() - t0 < min_seconds:
+        for _ in range(t.grad_accum_steps):
+            x, _ = next_batch(stream, t.batch_tokens, t.seq_len, t.grad_accum_steps, 0, 1)
+            tokens += x.size
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / elapsed, "steps": steps, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------------------
+# backend-specific probes: device sync, matmul peak, peak memory, versions
+
+
+def _rss_peak() -> tuple[int, str]:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return int(peak * scale), "ru_maxrss (whole process, since start)"
+
+
+def _time_matmul(run_once, sync, n: int, seconds: float) -> dict:
+    """Time n x n x n products: warm up, pick a repeat count so one sample lasts >= 20 ms, then take samples
+    for `seconds` (at least 5). Returns the best and the median FLOP/s."""
+    flops = 2.0 * n ** 3
+    for _ in range(3):
+        run_once()
+    sync()
+    t0 = time.perf_counter()
+    run_once()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-7)
+    reps = max(1, int(0.02 / one))
+    samples = []
+    start, cpu0 = time.perf_counter(), time.process_time()
+    while len(samples) < 5 or (time.perf_counter() - start < seconds and len(samples) < 1000):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run_once()
+        sync()
+        samples.append(flops * reps / (time.perf_counter() - t0))
+    cpu = time.process_time() - cpu0
+    return {"n": n, "flops_per_s": max(samples), "median_flops_per_s": statistics.median(samples),
+            "samples": len(samples), "reps_per_sample": reps,
+            "flops_per_cpu_s": flops * reps * len(samples) / max(cpu, 1e-9)}
+
+
+class _TorchHooks:
+    def __init__(self, backend):
+        import torch
+
+        self.torch, self.device, self.dtype = torch, backend.torch_device, backend.dtype
+        self.cuda = self.device.type == "cuda"
+        self.on_cpu = not self.cuda
+        self.dtype_name = str(self.dtype).split(".")[-1]
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self):
+        if self.cuda:
+            return int(self.torch.cuda.max_memory_allocated(self.device)), "torch.cuda.max_memory_allocated"
+        return _rss_peak()
+
+    def matmul_peak(self, n: int, seconds: float) -> dict:
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(0)
+        a = torch.randn(n, n, generator=g, device=self.device).to(self.dtype)
+        b = torch.randn(n, n, generator=g, device=self.device).to(self.dtype)
+        out = torch.empty(n, n, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            res = _time_matmul(lambda: torch.matmul(a, b, out=out), self.sync, n, seconds)
+        return {**res, "dtype": self.dtype_name, "device": str(self.device), "framework": "torch"}
+
+    def versions(self):
+        v = {"python": platform.python_version(), "numpy": np.__version__, "torch": self.torch.__version__}
+        if self.cuda:
+            v["cuda"] = self.torch.version.cuda
+            v["gpu"] = self.torch.cuda.get_device_name(self.device)
+        return v
+
+    def blas(self):
+        return "cuBLAS" if self.cuda else "torch CPU (MKL/oneDNN or OpenBLAS, as built)"
+
+    def threads(self):
+        return self.torch.get_num_threads()
+
+
+class _MLXHooks:
+    def __init__(self, backend):
+        import mlx.core as mx
+
+        self.mx, self.dtype = mx, backend.dtype
+        self.on_cpu = not mx.metal.is_available()
+        self.dtype_name = str(self.dtype).split(".")[-1]
+        self._mem = getattr(mx, "get_peak_memory", None) or getattr(getattr(mx, "metal", None), "get_peak_memory", None)
+        self._reset = getattr(mx, "reset_peak_memory", None) or getattr(getattr(mx, "metal", None), "reset_peak_memory", None)
+
+    def sync(self):
+        if hasattr(self.mx, "synchronize"):
+            self.mx.synchronize()
+
+    def reset_peak(self):
+        if self._reset is not None:
+            self._reset()
+
+    def peak_memory(self):
+        if self._mem is not None:
+            return int(self._mem()), "mx.get_peak_memory (MLX allocations)"
+        return _rss_peak()
+
+    def matmul_peak(self, n: int, seconds: float) -> dict:
+        mx = self.mx
+        key = mx.random.key(0)
+        ka, kb = mx.random.split(key)
+        a = mx.random.normal((n, n), key=ka).astype(self.dtype)
+        b = mx.random.normal((n, n), key=kb).astype(self.dtype)
+        mx.eval(a, b)
+        res = _time_matmul(lambda: mx.eval(a @ b), self.sync, n, seconds)
+        device = "metal" if mx.metal.is_available() else "cpu"
+        return {**res, "dtype": self.dtype_name, "device": device, "framework": "mlx"}
+
+    def versions(self):
+        return {"python": platform.python_version(), "numpy": np.__version__, "mlx": self.mx.__version__}
+
+    def blas(self):
+        if sys.platform == "darwin":
+            return "Metal / Accelerate"
+        pre = os.environ.get("LD_PRELOAD", "")
+        return f"OpenBLAS via LD_PRELOAD ({pre})" if "openblas" in pre else "MLX's bundled reference BLAS (no OpenBLAS preloaded)"
+
+    def threads(self):
+        return os.cpu_count()
+
+
+def _hooks_for(backend):
+    return _MLXHooks(backend) if backend.name == "mlx" else _TorchHooks(backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# upstream, side by side
+
+TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:([0-9.]+)ms step_avg:([0-9.]+)ms")
+DTYPE_LINE = re.compile(r"^compute_dtype:(\S+)")
+
+
+def parse_train_lines(text: str) -> list[dict]:
+    """Upstream's training log lines: `step:N/M train_loss:L train_time:Tms step_avg:Ams ...`."""
+    out = []
+    for line in text.splitlines():
+        m = TRAIN_LINE.match(line.strip())
+        if m:
+            out.append({"step": int(m.group(1)), "total": int(m.group(2)), "train_loss": float(m.group(3)),
+                        "train_time_ms": float(m.group(4)), "step_avg_ms": float(m.group(5))})
+    return out
+
+
+def steady_state(records: list[dict], skip: int = 1) -> dict:
+    """Steady-state ms/step from cumulative train_time: the median of per-step differences between
+    consecutive logged steps after the first `skip` steps (upstream logs whole milliseconds), and the
+    mean over that span."""
+    recs = sorted(records, key=lambda r: r["step"])
+    base = [r for r in recs if r["step"] >= skip] if skip > 0 else [{"step": 0, "train_time_ms": 0.0}, *recs]
+    if len(base) < 2:
+        raise UserError(f"upstream logged {len(recs)} training step line(s); need at least {skip + 2} "
+                        "(step:N/M train_loss:... train_time:...ms) to measure a steady state")
+    per_step = [(b["train_time_ms"] - a["train_time_ms"]) / (b["step"] - a["step"]) for a, b in zip(base, base[1:])]
+    span = (base[-1]["train_time_ms"] - base[0]["train_time_ms"]) / (base[-1]["step"] - base[0]["step"])
+    return {"median_ms": statistics.median(per_step), "mean_ms": span, "steps": base[-1]["step"] - base[0]["step"],
+            "first_step": base[0]["step"], "last_step": base[-1]["step"]}
+
+
+def upstream_env(cfg: RunConfig, data, backend: str, steps: int, warmup: int, workdir: Path,
+                 extra: list[str] = ()) -> dict[str, str]:
+    """Upstream's environment variables for the same model, batch, sequence, data and schedule."""
+    spec, t = cfg.model, cfg.train
+    env = {
+        "DATA_PATH": str(Path(data.dataset_dir).resolve()),
+        "TOKENIZER_PATH": str(Path(data.tokenizer_path).resolve()),
+        "VOCAB_SIZE": str(spec.vocab_size),
+        "NUM_LAYERS": str(spec.num_layers),
+        "MODEL_DIM": str(spec.model_dim),
+        "NUM_HEADS": str(spec.num_heads),
+        "NUM_KV_HEADS": str(spec.num_kv_heads),
+        "MLP_MULT": str(spec.mlp_mult),
+        "TIE_EMBEDDINGS": "1" if spec.tie_embeddings else "0",
+        "TIED_EMBED_INIT_STD": repr(spec.tied_embed_init_std),
+        "ROPE_BASE": repr(spec.rope_base),
+        "LOGIT_SOFTCAP": repr(spec.logit_softcap),
+        "QK_GAIN_INIT": repr(spec.qk_gain_init),
+        "TRAIN_BATCH_TOKENS": str(t.batch_tokens),
+        "TRAIN_SEQ_LEN": str(t.seq_len),
+        "ITERATIONS": str(steps),
+        "WARMUP_STEPS": str(warmup),
+        "VAL_LOSS_EVERY": "0",
+        "TRAIN_LOG_EVERY": "1",
+        "MAX_WALLCLOCK_SECONDS": "0",
+        "RUN_ID": "loopgolf_bench_upstream",
+        "OUT_DIR": str(workdir),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for var, (section, key) in UPSTREAM_FORWARDED.items():
+        value = getattr(getattr(cfg, section), key)
+        env[var] = repr(value) if isinstance(value, float) else str(value)
+    if backend == "mlx":
+        env["GRAD_ACCUM_STEPS"] = str(t.grad_accum_steps)
+        # No further chunking: each micro-batch runs whole, as in loopgolf (upstream's default is 8,192 tokens).
+        env["MLX_MAX_MICROBATCH_TOKENS"] = str(t.batch_tokens // t.grad_accum_steps)
+    for item in extra or ():
+        if "=" not in item:
+            raise UserError(f"--upstream-env {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        env[k.strip()] = v
+    return env
+
+
+def run_upstream(script: str, env: dict[str, str], workdir: Path, timeout: float) -> dict:
+    """Run the upstream script once; stop it as soon as its last training step is logged (its final
+    validation and quantization are not what is measured). Returns the parsed lines and the output."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                   "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    full_env.update(env)
+    iterations = int(env["ITERATIONS"])
+    proc = subprocess.Popen([sys.executable, str(Path(script).resolve())], cwd=workdir, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    timed_out = threading.Event()
+
+    def stop():
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, stop)
+    timer.start()
+    lines, done, dtype = [], False, None
+    t0 = time.perf_counter()
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            m = DTYPE_LINE.match(line.strip())
+            if m:
+                dtype = m.group(1)
+            rec = parse_train_lines(line)
+            if rec and rec[0]["step"] >= iterations:
+                done = True
+                break
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+    wall = time.perf_counter() - t0
+    text = "\n".join(lines)
+    if not done:
+        tail = "\n".join(lines[-15:])
+        why = (f"it was stopped after --upstream-timeout {timeout:g} s" if timed_out.is_set()
+               else f"it exited (code {proc.returncode})")
+        raise UserError(f"--vs-upstream {script}: {why} before logging step "
+                        f"{iterations}/{iterations}; its last output:\n{tail}")
+    return {"records": parse_train_lines(text), "compute_dtype": dtype, "wall_s": wall, "output_lines": len(lines)}
+
+
+def _compare_upstream(args, cfg: RunConfig, backend, hooks, train_files, data, first: dict) -> dict:
+    t = cfg.train
+    skip = 1  # upstream's first step after its warm-up is not steady (MLX: first optimizer update)
+    rounds = []
+    stream = TokenStream(train_files)
+    with tempfile.TemporaryDirectory(prefix="loopgolf-upstream-") as workdir:
+        env = upstream_env(cfg, data, backend.name, args.steps + skip, args.warmup, Path(workdir), args.upstream_env)
+        for r in range(args.rounds):
+            if r == 0:
+                ours = first["step_ms"]["all"]  # the measurement above is round 1's loopgolf half
+            else:
+                ours = _timed_steps(backend, cfg, stream, args.steps)[0]
+            up = run_upstream(args.vs_upstream, env, Path(workdir), args.upstream_timeout)
+            st = steady_state(up["records"], skip=skip)
+            ours_ms = statistics.median(ours)
+            rounds.append({"loopgolf_ms": ours_ms, "loopgolf_all_ms": [round(x, 4) for x in ours],
+                           "upstream_ms": st["median_ms"], "upstream_mean_ms": st["mean_ms"],
+                           "upstream_steps": st["steps"], "upstream_compute_dtype": up["compute_dtype"],
+                           "upstream_final_loss": up["records"][-1]["train_loss"],
+                           "ratio": st["median_ms"] / ours_ms})
+    ours_ms = statistics.median([x for r in rounds for x in r["loopgolf_all_ms"]])
+    up_ms = statistics.median([r["upstream_ms"] for r in rounds])
+    ours_tok, up_tok = t.batch_tokens / (ours_ms / 1000), t.batch_tokens / (up_ms / 1000)
+    up_dtype = rounds[-1]["upstream_compute_dtype"]
+    same = None if up_dtype is None else up_dtype.split(".")[-1] == hooks.dtype_name
+    return {"script": str(args.vs_upstream), "env": env, "rounds": rounds, "loopgolf_ms": ours_ms,
+            "upstream_ms": up_ms, "loopgolf_tokens_per_s": ours_tok, "tokens_per_s": up_tok,
+            "ratio": ours_tok / up_tok, "loopgolf_dtype": hooks.dtype_name, "upstream_dtype": up_dtype,
+            "same_dtype": same}
+
+
+# ----------------------------------------------------------------------------------------------------
+# output
+
+COLUMNS = ("backend", "device", "data", "tok/step", "ms/step med", "ms/step mean", "tok/s", "MFLOP/tok",
+           "GFLOP/s", "peak GFLOP/s (n)", "MFU", "peak mem MiB", "eval tok/s", "loader tok/s (x train)")
+
+
+def table_row(r: dict) -> list[str]:
+    return [
+        r["backend"], r["device"], r["data"]["source"], f"{r['batch_tokens']:,}",
+        f"{r['step_ms']['median']:,.1f}", f"{r['step_ms']['mean']:,.1f}", f"{r['tokens_per_s']:,.0f}",
+        f"{r['flops_per_token']['train'] / 1e6:,.2f}", f"{r['achieved_flops_per_s'] / 1e9:,.2f}",
+        f"{r['peak']['flops_per_s'] / 1e9:,.1f} ({r['peak']['n']})", f"{100 * r['mfu']:.1f}%",
+        f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['eval']['tokens_per_s']:,.0f}",
+        f"{r['loader']['tokens_per_s']:,.0f} ({r['loader']['ratio_to_train']:,.0f}x)",
+    ]
+
+
+def print_result(r: dict) -> None:
+    print(f"loopgolf bench: {r['config']}{' --small' if r['small'] else ''} on {r['backend']} {r['device']}; "
+          f"{r['warmup_steps']} warm-up + {r['steps']} timed steps of {r['batch_tokens']:,} tokens (seq {r['seq_len']})")
+    print(f"data: {r['data']['note']}")
+    for note in r.get("notes", []):
+        print(f"note: {note}")
+    fl = r["flops_per_token"]
+    print(f"model FLOPs/token: train {fl['train']:,} (3 x forward {fl['forward']:,}; attention "
+          f"{'causal half' if fl['causal'] else 'full'}), 6N {fl['six_n']:,}")
+    print(f"peak: {r['peak']['framework']} {r['peak']['dtype']} {r['peak']['n']}^3 matmul on {r['peak']['device']}: best "
+          f"{r['peak']['flops_per_s'] / 1e9:,.1f} GFLOP/s (before the timed steps {r['peak']['before_flops_per_s'] / 1e9:,.1f}, "
+          f"after {r['peak']['after_flops_per_s'] / 1e9:,.1f})")
+    print(f"memory: {r['peak_memory_source']}")
+    if r.get("cpu"):
+        c = r["cpu"]
+        print(f"cpu: the process used {100 * c['share']:.0f}% of {c['threads']} core(s) while stepping (load average "
+              f"{', '.join(f'{x:.2f}' for x in c['load_average'] or [])}); MFU in CPU seconds {100 * c['mfu_cpu_time']:.1f}%, "
+              f"against the median probe sample {100 * r['mfu_vs_median_peak']:.1f}%")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "|".join("---" for _ in COLUMNS) + "|")
+    print("| " + " | ".join(table_row(r)) + " |")
+    if not r["loader"]["ok"]:
+        print(f"warning: the data loader is only {r['loader']['ratio_to_train']:.0f}x the trainer's tokens/s "
+              f"(target {LOADER_TARGET:.0f}x)")
+    if r["losses"] and not np.isfinite(r["losses"][-1]):
+        print(f"warning: the last training loss is {r['losses'][-1]} (timings still stand)")
+    up = r.get("upstream")
+    if up:
+        print(f"vs upstream {up['script']} ({len(up['rounds'])} alternating rounds):")
+        for i, rd in enumerate(up["rounds"], 1):
+            print(f"  round {i}: loopgolf {rd['loopgolf_ms']:,.1f} ms/step, upstream {rd['upstream_ms']:,.1f} "
+                  f"ms/step (median of {rd['upstream_steps']} steps), ratio {rd['ratio']:.2f}x")
+        print(f"  tokens/s: loopgolf {up['loopgolf_tokens_per_s']:,.0f}, upstream {up['tokens_per_s']:,.0f}: "
+              f"loopgolf is {up['ratio']:.2f}x upstream")
+        if up["same_dtype"] is False:
+            print(f"  warning: compute dtypes differ (loopgolf {up['loopgolf_dtype']}, upstream {up['upstream_dtype']}); "
+                  f"for a like-for-like ratio use --set train.compute_dtype=... to match")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
