@@ -10,7 +10,7 @@ import pytest
 from core.config import load_config
 from core.flops import flops_per_token, probe_size, six_n_per_token
 from core.spec import ModelSpec
-from tools.bench import parse_train_lines, steady_state
+from tools.bench_upstream import parse_train_lines, steady_state
 from tools.cli import main as loopgolf
 
 FAST = ["--small", "--steps", "2", "--warmup", "1", "--probe-seconds", "0.05"]
