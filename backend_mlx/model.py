@@ -44,12 +44,42 @@ def mlp(p: dict, prefix: str, x: mx.array) -> mx.array:
     return linear(h * h, p[prefix + "proj.weight"])
 
 
-def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array) -> mx.array:
+def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: int | None = None) -> mx.array:
+    """Block b on x. With spec.per_layer_scales, effective layer `layer`'s scales and resid_mix replace the
+    block's own."""
     prefix = f"blocks.{b}."
-    mix = p[prefix + "resid_mix"].astype(x.dtype)
+    if spec.per_layer_scales:
+        mix = p["layer_resid_mixes"][layer].astype(x.dtype)
+        attn_scale, mlp_scale = p["layer_attn_scales"][layer], p["layer_mlp_scales"][layer]
+    else:
+        mix = p[prefix + "resid_mix"].astype(x.dtype)
+        attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
-    x = x + p[prefix + "attn_scale"].astype(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
-    x = x + p[prefix + "mlp_scale"].astype(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps))
+    x = x + attn_scale.astype(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
+    x = x + mlp_scale.astype(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps))
+    return x
+
+
+def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, dtype) -> mx.array:
+    """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
+    switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller."""
+    if spec.loop_embeds and layer in spec.loop_starts:
+        x = x + p["loop_embeds"][spec.loop_index[layer]].astype(dtype)
+    h_in = x
+    if spec.layer_gains:
+        h_in = p["layer_in_gains"][layer].astype(dtype) * h_in
+    if spec.iter_embeds:
+        h_in = h_in + p["iter_embeds"][layer].astype(dtype)
+    out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer)
+    if spec.iter_scales:
+        out = h_in + (out - h_in) * p["iter_scales"][layer].astype(dtype)
+    if spec.layer_gains:
+        x = x + p["layer_out_gains"][layer].astype(dtype) * (out - h_in)
+    else:
+        x = out
+    if spec.loop_gates and layer in spec.loop_ends:
+        g = p["loop_gates"][spec.loop_index[layer]].astype(dtype)
+        x = g * x + (1 - g) * x0
     return x
 
 
@@ -64,7 +94,7 @@ def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32,
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].astype(dtype)
             x = x + skip_w * skips.pop()
-        x = block(spec, p, b, x, x0)
+        x = layer_step(spec, p, layer, x, x0, dtype)
         if collect is not None:
             collect.append(x)
         if layer < spec.num_encoder_layers:

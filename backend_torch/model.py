@@ -52,12 +52,42 @@ def mlp(p: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
     return linear(h * h, p[prefix + "proj.weight"])
 
 
-def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """Block b on x. With spec.per_layer_scales, effective layer `layer`'s scales and resid_mix replace the
+    block's own."""
     prefix = f"blocks.{b}."
-    mix = p[prefix + "resid_mix"].to(x.dtype)
+    if spec.per_layer_scales:
+        mix = p["layer_resid_mixes"][layer].to(x.dtype)
+        attn_scale, mlp_scale = p["layer_attn_scales"][layer], p["layer_mlp_scales"][layer]
+    else:
+        mix = p[prefix + "resid_mix"].to(x.dtype)
+        attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
-    x = x + p[prefix + "attn_scale"].to(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
-    x = x + p[prefix + "mlp_scale"].to(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps))
+    x = x + attn_scale.to(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
+    x = x + mlp_scale.to(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps))
+    return x
+
+
+def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.Tensor, dtype) -> torch.Tensor:
+    """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
+    switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller."""
+    if spec.loop_embeds and layer in spec.loop_starts:
+        x = x + p["loop_embeds"][spec.loop_index[layer]].to(dtype)
+    h_in = x
+    if spec.layer_gains:
+        h_in = p["layer_in_gains"][layer].to(dtype) * h_in
+    if spec.iter_embeds:
+        h_in = h_in + p["iter_embeds"][layer].to(dtype)
+    out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer)
+    if spec.iter_scales:
+        out = h_in + (out - h_in) * p["iter_scales"][layer].to(dtype)
+    if spec.layer_gains:
+        x = x + p["layer_out_gains"][layer].to(dtype) * (out - h_in)
+    else:
+        x = out
+    if spec.loop_gates and layer in spec.loop_ends:
+        g = p["loop_gates"][spec.loop_index[layer]].to(dtype)
+        x = g * x + (1 - g) * x0
     return x
 
 
@@ -72,7 +102,7 @@ def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.fl
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].to(dtype)
             x = x + skip_w * skips.pop()
-        x = block(spec, p, b, x, x0)
+        x = layer_step(spec, p, layer, x, x0, dtype)
         if collect is not None:
             collect.append(x)
         if layer < spec.num_encoder_layers:

@@ -41,9 +41,10 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
     else:
         # Upstream leaves an untied embedding at nn.Embedding's default N(0, 1) and zero-inits the head.
         table.append(ParamInfo("tok_emb.weight", (v, d), "normal", EMBED, 1.0))
+    L, R = spec.num_layers, spec.num_loops
     for b in range(spec.num_blocks):
         p = f"blocks.{b}."
-        table += [
+        block = [
             ParamInfo(p + "attn.c_q.weight", (d, d), "uniform_fan_in", MATRIX, block=b),
             ParamInfo(p + "attn.c_k.weight", (spec.kv_dim, d), "uniform_fan_in", MATRIX, block=b),
             ParamInfo(p + "attn.c_v.weight", (spec.kv_dim, d), "uniform_fan_in", MATRIX, block=b),
@@ -55,6 +56,27 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
             ParamInfo(p + "mlp_scale", (d,), "ones", SCALAR, block=b),
             ParamInfo(p + "resid_mix", (2, d), "resid_mix", SCALAR, block=b),
         ]
+        if spec.per_layer_scales:  # replaced by the per-effective-layer copies below
+            block = [i for i in block if not i.name.endswith(("attn_scale", "mlp_scale", "resid_mix"))]
+        table += block
+    # Per-iteration conditioning (core.spec.ModelSpec documents the forward pass). All go to Adam's scalar
+    # group; core.quant keeps them fp32 in the artifact (CONTROL_NAME_PATTERNS).
+    if spec.iter_embeds:
+        table.append(ParamInfo("iter_embeds", (L, d), "zeros", SCALAR))
+    if spec.loop_embeds:
+        table.append(ParamInfo("loop_embeds", (R, d), "zeros", SCALAR))
+    if spec.per_layer_scales:
+        table += [
+            ParamInfo("layer_attn_scales", (L, d), "ones", SCALAR),
+            ParamInfo("layer_mlp_scales", (L, d), "ones", SCALAR),
+            ParamInfo("layer_resid_mixes", (L, 2, d), "resid_mix", SCALAR),
+        ]
+    if spec.iter_scales:
+        table.append(ParamInfo("iter_scales", (L, d), "ones", SCALAR))
+    if spec.layer_gains:
+        table += [ParamInfo("layer_in_gains", (L,), "ones", SCALAR), ParamInfo("layer_out_gains", (L,), "ones", SCALAR)]
+    if spec.loop_gates:
+        table.append(ParamInfo("loop_gates", (R,), "const", SCALAR, spec.loop_gate_init))
     if spec.num_skip_weights:
         table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
     if not spec.tie_embeddings:
@@ -83,8 +105,11 @@ def init_tensor(info: ParamInfo, seed: int) -> np.ndarray:
     if info.init == "const":
         return np.full(shape, info.value, np.float32)
     if info.init == "resid_mix":
-        # [1, 0]: the block starts reading only its input x, none of x0.
-        return np.stack([np.ones(shape[1:], np.float32), np.zeros(shape[1:], np.float32)])
+        # [1, 0] along the second-to-last axis ((2, d) per block, (L, 2, d) per layer): the block starts
+        # reading only its input x, none of x0.
+        out = np.zeros(shape, np.float32)
+        out[..., 0, :] = 1.0
+        return out
     raise ValueError(f"unknown initializer {info.init!r} for {info.name}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,16 @@ class ModelSpec:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     norm_eps: float = FLOAT32_EPS
+    # Per-iteration conditioning of the shared blocks (all off by default; each is identity- or
+    # zero-initialised, so switching one on does not change the model's output at step 0). See
+    # `per_layer_options` below for the exact forward pass.
+    iter_embeds: bool = False  # iter_embeds (L, d), init 0: added to the block input at each effective layer
+    loop_embeds: bool = False  # loop_embeds (num_loops, d), init 0: added to the residual when a loop starts
+    per_layer_scales: bool = False  # layer_attn_scales/layer_mlp_scales (L, d) = 1, layer_resid_mixes (L, 2, d) = [1, 0]
+    iter_scales: bool = False  # iter_scales (L, d), init 1: out = h_in + (block(h_in) - h_in) * iter_scale
+    layer_gains: bool = False  # layer_in_gains, layer_out_gains (L,), init 1 (#1110's hc_alpha/hc_beta, SHC n=0)
+    loop_gates: bool = False  # loop_gates (num_loops,): x = g*x + (1-g)*x0 after every loop
+    loop_gate_init: float = 1.0  # loop_gates' initial value; 1.0 is the identity (#319's 1/3 was its negative result)
 
     def __post_init__(self):
         object.__setattr__(self, "layer_plan", tuple(int(i) for i in self.layer_plan))
@@ -74,6 +85,13 @@ class ModelSpec:
         unused = sorted(set(range(self.num_blocks)) - set(self.layer_plan))
         if unused:
             raise UserError(f"model.layer_plan never uses block(s) {unused}: they would never train")
+        if not math.isfinite(self.loop_gate_init):
+            raise UserError(f"model.loop_gate_init = {self.loop_gate_init}: expected a finite number")
+        if self.loop_gate_init != 1.0 and not self.loop_gates:
+            raise UserError(
+                f"model.loop_gate_init = {self.loop_gate_init} has no effect while model.loop_gates = false"
+                " (set model.loop_gates = true)"
+            )
 
     # Derived shapes, named once so both backends agree.
     @property
@@ -96,6 +114,53 @@ class ModelSpec:
     @property
     def num_skip_weights(self) -> int:
         return min(self.num_encoder_layers, self.num_layers - self.num_encoder_layers)
+
+    # Per-iteration conditioning. Forward pass of effective layer l (block b = layer_plan[l]), with
+    # x the residual stream and x0 the normed embedding; each line runs only when its option is on:
+    #
+    #   decoder layer:            x = x + skip_weights[j] * skips.pop()             (U-Net, always)
+    #   l in loop_starts, loop r: x = x + loop_embeds[r]                           (#319; persists in x)
+    #   h_in = x
+    #   layer_gains:              h_in = layer_in_gains[l] * h_in                  (#1110 hc_alpha)
+    #   iter_embeds:              h_in = h_in + iter_embeds[l]                     (#1110, #167, #895)
+    #   out = Block_b(h_in, x0) with, if per_layer_scales, layer_attn_scales[l], layer_mlp_scales[l] and
+    #         layer_resid_mixes[l] in place of the block's own (which then do not exist; #470, #167)
+    #   iter_scales:              out = h_in + (out - h_in) * iter_scales[l]       (#1110)
+    #   layer_gains:              x = x + layer_out_gains[l] * (out - h_in)        (#1110 hc_beta)
+    #   otherwise:                x = out
+    #   l in loop_ends, loop r:   x = loop_gates[r] * x + (1 - loop_gates[r]) * x0  (#319)
+    #
+    # With layer_gains off the iteration embedding stays in the residual stream (#167, #895); with it on
+    # only the block's change is added back, as #1110. The loop gate runs after EVERY loop, the first
+    # included, so all num_loops gates train (#319 left its first gate unused).
+    @property
+    def loop_index(self) -> tuple[int, ...]:
+        """The loop each effective layer belongs to: how many times its block ran at earlier layers.
+        For a cyclic plan "KxR" that is layer // K; for "0 1 2 3 4 5 4 5 6 7 8" it is
+        0 0 0 0 0 0 1 1 0 0 0."""
+        seen: dict[int, int] = {}
+        out = []
+        for b in self.layer_plan:
+            out.append(seen.get(b, 0))
+            seen[b] = out[-1] + 1
+        return tuple(out)
+
+    @property
+    def num_loops(self) -> int:
+        """The most times any block runs: R for "KxR", 1 for a flat plan."""
+        return max(self.loop_index) + 1
+
+    @property
+    def loop_starts(self) -> tuple[int, ...]:
+        """Layers where a loop starts: layer 0 and every layer whose loop index differs from the one before."""
+        r = self.loop_index
+        return tuple(i for i in range(self.num_layers) if i == 0 or r[i] != r[i - 1])
+
+    @property
+    def loop_ends(self) -> tuple[int, ...]:
+        """Layers after which a loop ends: the last layer and every layer whose loop index differs from the next."""
+        r = self.loop_index
+        return tuple(i for i in range(self.num_layers) if i == self.num_layers - 1 or r[i] != r[i + 1])
 
     # Serialisation.
     def to_dict(self) -> dict[str, Any]:

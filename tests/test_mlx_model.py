@@ -53,16 +53,35 @@ def reference_logits(spec, w, tokens):
     def mlp(p, x):
         return (np.maximum(x @ w[p + "fc.weight"].T, 0) ** 2) @ w[p + "proj.weight"].T
 
+    # The per-iteration conditioning options (core.spec.ModelSpec), written from the plan directly: the
+    # loop of a layer is how often its block ran before it; a loop starts or ends where that changes.
+    plan = list(spec.layer_plan)
+    loop = [plan[:i].count(b) for i, b in enumerate(plan)]
     x = rms(w["tok_emb.weight"][tokens])
     x0, skips = x, []
     enc = spec.num_layers // 2
-    for layer, blk in enumerate(spec.layer_plan):
+    for layer, blk in enumerate(plan):
         p = f"blocks.{blk}."
         if layer >= enc and skips:
             x = x + w["skip_weights"][layer - enc] * skips.pop()
-        x = w[p + "resid_mix"][0] * x + w[p + "resid_mix"][1] * x0
-        x = x + w[p + "attn_scale"] * attn(p + "attn.", rms(x))
-        x = x + w[p + "mlp_scale"] * mlp(p + "mlp.", rms(x))
+        if spec.loop_embeds and (layer == 0 or loop[layer] != loop[layer - 1]):
+            x = x + w["loop_embeds"][loop[layer]]
+        h = w["layer_in_gains"][layer] * x if spec.layer_gains else x
+        if spec.iter_embeds:
+            h = h + w["iter_embeds"][layer]
+        if spec.per_layer_scales:
+            mix, a, m = w["layer_resid_mixes"][layer], w["layer_attn_scales"][layer], w["layer_mlp_scales"][layer]
+        else:
+            mix, a, m = w[p + "resid_mix"], w[p + "attn_scale"], w[p + "mlp_scale"]
+        u = mix[0] * h + mix[1] * x0
+        u = u + a * attn(p + "attn.", rms(u))
+        u = u + m * mlp(p + "mlp.", rms(u))
+        if spec.iter_scales:
+            u = h + (u - h) * w["iter_scales"][layer]
+        x = x + w["layer_out_gains"][layer] * (u - h) if spec.layer_gains else u
+        if spec.loop_gates and (layer == len(plan) - 1 or loop[layer] != loop[layer + 1]):
+            g = w["loop_gates"][loop[layer]]
+            x = g * x + (1 - g) * x0
         if layer < enc:
             skips.append(x)
     z = rms(x) @ w["tok_emb.weight"].T

@@ -1,0 +1,221 @@
+"""Per-iteration conditioning of the shared blocks (issue 5, items 1-3), in both backends.
+
+For each option (core.spec.ModelSpec documents the forward pass):
+(a) switching it on at its initial values leaves the logits of a model with the same other weights as
+    they were (identity / zero init);
+(b) with every weight perturbed, MLX and torch give the same logits;
+(c) every new parameter gets a nonzero gradient in both backends (per row, for the per-layer and per-loop
+    tables: a wrong index would leave a row untrained), sits in exactly one optimizer group, and one
+    optimizer step moves it (PR #1110's iteration embeddings were in no group and never trained);
+(d) MLX agrees with the numpy float64 reference of tests/test_mlx_model.py;
+and `loopgolf parity` passes with all options on, through --set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import backend_torch  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch's OpenMP starts)
+
+mx = pytest.importorskip("mlx.core")
+torch = pytest.importorskip("torch")
+
+import backend_mlx  # noqa: E402
+from backend_mlx import model as mm  # noqa: E402
+from backend_mlx.optim import init_state as mlx_init_state, make_update as mlx_make_update  # noqa: E402
+from backend_torch import model as tm  # noqa: E402
+from backend_torch.optim import init_state as torch_init_state, make_update as torch_make_update  # noqa: E402
+from core.config import OptimConfig, load_config  # noqa: E402
+from core.errors import UserError  # noqa: E402
+from core.params import GROUPS, SCALAR, count_params, init_weights, param_table  # noqa: E402
+from core.quant import is_control_name  # noqa: E402
+from core.spec import ModelSpec  # noqa: E402
+from tests.test_mlx_model import reference_logits  # noqa: E402
+from tools import parity  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"vocab_size": 64, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2}
+OPTIONS = ("iter_embeds", "loop_embeds", "per_layer_scales", "iter_scales", "layer_gains", "loop_gates")
+ALL_ON = {o: True for o in OPTIONS}
+# The new tensors of each option (and, for per_layer_scales, the per-block ones they replace).
+NEW = {
+    "iter_embeds": {"iter_embeds"},
+    "loop_embeds": {"loop_embeds"},
+    "per_layer_scales": {"layer_attn_scales", "layer_mlp_scales", "layer_resid_mixes"},
+    "iter_scales": {"iter_scales"},
+    "layer_gains": {"layer_in_gains", "layer_out_gains"},
+    "loop_gates": {"loop_gates"},
+}
+PLANS = ("2x3", "0 1 2 1 2 3")  # cyclic, and a middle-looped plan whose loop index goes 0 0 0 1 1 0
+LOGIT_ATOL = 2e-5  # MLX vs torch in fp32, as tests/test_torch_model.py (observed <= 4e-7 there)
+
+
+def spec_for(plan: str, **options) -> ModelSpec:
+    return ModelSpec.from_table({**TINY, "layer_plan": plan, **options})
+
+
+def tokens(seed=1, batch=2, seq=16):
+    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], (batch, seq))
+
+
+# ---- the spec --------------------------------------------------------------------------------------------
+
+def test_loop_index_and_loop_boundaries():
+    s = spec_for("3x4")
+    assert s.loop_index == tuple(layer // 3 for layer in range(12)) and s.num_loops == 4
+    assert s.loop_starts == (0, 3, 6, 9) and s.loop_ends == (2, 5, 8, 11)
+    s = spec_for("0 1 2 3 4 5 4 5 6 7 8")
+    assert s.loop_index == (0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0) and s.num_loops == 2
+    assert s.loop_starts == (0, 6, 8) and s.loop_ends == (5, 7, 10)
+    assert spec_for("flat", num_layers=3).num_loops == 1
+
+
+def test_options_default_off_validate_and_round_trip():
+    s = ModelSpec()
+    assert not any(getattr(s, o) for o in OPTIONS) and s.loop_gate_init == 1.0
+    on = spec_for("2x3", **ALL_ON, loop_gate_init=1 / 3)
+    assert ModelSpec.from_json(on.to_json()) == on
+    for o in OPTIONS:
+        assert f'"{o}":true' in on.to_json()
+    with pytest.raises(UserError, match="'model.iter_embeds' = 'yes': expected true or false"):
+        ModelSpec.from_table({"iter_embeds": "yes"})
+    with pytest.raises(UserError, match="loop_gate_init = 0.5 has no effect while model.loop_gates = false"):
+        ModelSpec.from_table({"loop_gate_init": 0.5})
+    with pytest.raises(UserError, match="did you mean 'loop_gates'"):
+        ModelSpec.from_table({"loop_gate": True})
+    with pytest.raises(UserError, match="finite"):
+        ModelSpec.from_table({"loop_gates": True, "loop_gate_init": float("nan")})
+
+
+def test_parameter_table_shapes_groups_and_fp32_export():
+    s = spec_for("3x4", **ALL_ON, loop_gate_init=0.25)
+    table = {i.name: i for i in param_table(s)}
+    L, R, d = 12, 4, 32
+    want = {"iter_embeds": (L, d), "loop_embeds": (R, d), "layer_attn_scales": (L, d), "layer_mlp_scales": (L, d),
+            "layer_resid_mixes": (L, 2, d), "iter_scales": (L, d), "layer_in_gains": (L,), "layer_out_gains": (L,),
+            "loop_gates": (R,)}
+    for name, shape in want.items():
+        assert table[name].shape == shape and table[name].group == SCALAR and table[name].block is None, name
+        assert is_control_name(name), f"{name} should stay fp32 in the artifact"
+    # per_layer_scales replaces the blocks' own scales and resid_mix.
+    assert not [n for n in table if n.startswith("blocks.") and n.endswith(("attn_scale", "mlp_scale", "resid_mix"))]
+    w = init_weights(s)
+    assert (w["iter_embeds"] == 0).all() and (w["loop_embeds"] == 0).all() and (w["iter_scales"] == 1).all()
+    assert (w["layer_resid_mixes"][:, 0] == 1).all() and (w["layer_resid_mixes"][:, 1] == 0).all()
+    assert (w["loop_gates"] == 0.25).all() and (w["layer_in_gains"] == 1).all()
+    # Every option adds exactly its tensors to the count (unique = effective for per-layer tensors).
+    base = spec_for("3x4")
+    unique, effective = count_params(s)
+    extra = sum(int(np.prod(v)) for v in want.values()) - 3 * (2 * d + 2 * d)  # minus 3 blocks' scales + mixes
+    assert unique - count_params(base)[0] == extra
+    assert effective - count_params(base)[1] == extra - 3 * 3 * (2 * d + 2 * d)  # each block ran 4x, counted 1x
+
+
+# ---- (a) identity at init --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_switching_an_option_on_leaves_the_initial_logits(option, plan):
+    off, on = spec_for(plan), spec_for(plan, **{option: True})
+    init_off, init_on = init_weights(off, 3), init_weights(on, 3)
+    w_off = parity.perturbed_weights(off, 3)
+    names_on = {i.name for i in param_table(on)}
+    # Tensors the option replaces keep their (equal) init; the rest carry their perturbed values over.
+    w_off = {k: (v if k in names_on else init_off[k]) for k, v in w_off.items()}
+    w_on = {k: w_off.get(k, init_on[k]) for k in names_on}
+    assert set(w_on) - set(w_off) == NEW[option]
+    x = tokens()
+    for backend in (backend_mlx, backend_torch):
+        ref = backend.forward_logits(off, w_off, x)
+        got = backend.forward_logits(on, w_on, x)
+        # Identity up to rounding: h + (out - h) * 1 need not round to `out` exactly.
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=backend.__name__)
+    # And the option is live: moving its tensors moves the logits.
+    moved = {k: (v + 0.1 if k in NEW[option] else v) for k, v in w_on.items()}
+    assert np.abs(backend_torch.forward_logits(on, moved, x) - backend_torch.forward_logits(on, w_on, x)).max() > 1e-3
+
+
+def test_loop_gate_init_below_one_pulls_toward_x0():
+    """#319's 1/3 initialisation is not the identity: it changes the step-0 output (its negative result)."""
+    x = tokens()
+    w = parity.perturbed_weights(spec_for("2x3"), 3)
+    third = spec_for("2x3", loop_gates=True, loop_gate_init=1 / 3)
+    w_third = {**w, "loop_gates": init_weights(third)["loop_gates"]}
+    assert np.allclose(w_third["loop_gates"], 1 / 3)
+    assert np.abs(backend_mlx.forward_logits(third, w_third, x) - backend_mlx.forward_logits(spec_for("2x3"), w, x)).max() > 1e-2
+
+
+# ---- (b) MLX vs torch and (d) numpy reference, perturbed ---------------------------------------------------
+
+CASES = [(o, p) for o in OPTIONS for p in PLANS] + [("all", p) for p in PLANS]
+
+
+@pytest.mark.parametrize("option,plan", CASES)
+def test_backends_and_numpy_reference_agree(option, plan):
+    options = ALL_ON if option == "all" else {option: True}
+    if "loop_gates" in options:
+        options = {**options, "loop_gate_init": 0.7}
+    spec = spec_for(plan, **options)
+    w, x = parity.perturbed_weights(spec, 5), tokens(2)
+    got_m = backend_mlx.forward_logits(spec, w, x)
+    got_t = backend_torch.forward_logits(spec, w, x)
+    assert np.abs(got_m - got_t).max() < LOGIT_ATOL
+    # fp32 against float64, as tests/test_mlx_model.py: errors near 1e-6, a wrong formula moves >= 1e-2.
+    np.testing.assert_allclose(got_m, reference_logits(spec, w, x), atol=1e-4, rtol=0)
+
+
+# ---- (c) gradients and optimizer groups -------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
+    spec = spec_for(plan, **ALL_ON, loop_gate_init=0.8)
+    table = param_table(spec)
+    w = parity.perturbed_weights(spec, 7)
+    t = tokens(4, seq=17)
+    x, y = t[:, :-1], t[:, 1:]
+    gm = mx.grad(lambda p: mm.mean_loss(spec, p, mx.array(x), mx.array(y)))({k: mx.array(v) for k, v in w.items()})
+    pt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
+    tm.mean_loss(spec, pt, torch.tensor(x), torch.tensor(y)).backward()
+    new = set().union(*NEW.values())
+    for info in table:
+        g_m, g_t = np.array(gm[info.name]), pt[info.name].grad.numpy()
+        assert np.abs(g_m).max() > 0 and np.abs(g_t).max() > 0, f"{info.name} gets no gradient"
+        np.testing.assert_allclose(g_m, g_t, atol=1e-6 + 1e-4 * np.abs(g_t).max(), rtol=0, err_msg=info.name)
+        if info.name in new and len(info.shape) > 1:  # every layer's (or loop's) row trains
+            rows = np.abs(g_m.reshape(info.shape[0], -1)).max(1)
+            assert (rows > 0).all(), f"{info.name}: rows {np.flatnonzero(rows == 0).tolist()} get no gradient"
+        if info.name in ("layer_in_gains", "layer_out_gains", "loop_gates"):
+            assert (np.abs(g_m) > 0).all(), info.name
+        assert info.group in GROUPS
+    # Exactly one optimizer group holds each parameter, in both backends, and one step moves it.
+    optim = OptimConfig()
+    for state in (mlx_init_state(spec, {}), torch_init_state(spec)):
+        for info in table:
+            assert (info.name in state["muon"]) + (info.name in state["adam"]) == 1, info.name
+            assert (info.name in state["adam"]) == (info.group != "matrix")
+    mp = {k: mx.array(v) for k, v in w.items()}
+    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec, mp), gm, mx.array(1.0), mx.array(0.95))
+    tp = {k: torch.tensor(v) for k, v in w.items()}
+    torch_make_update(spec, optim)(tp, torch_init_state(spec), {k: v.grad for k, v in pt.items()},
+                                   torch.tensor(1.0), torch.tensor(0.95))
+    for name in new:  # Adam's first step moves every element with a nonzero gradient by about scalar_lr
+        assert np.abs(np.array(mp2[name]) - w[name]).max() > 1e-3, name
+        assert np.abs(tp[name].numpy() - w[name]).max() > 1e-3, name
+
+
+# ---- parity through --set --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_parity_with_all_options_on(plan):
+    """`loopgolf parity --config configs/demo.toml --small --set model.<option>=true ...` (demo: ~2 s a plan;
+    ut_3x4 passes too, in ~16 s: `loopgolf parity --config configs/ut_3x4.toml --small --set ...`)."""
+    sets = [f"model.{o}=true" for o in OPTIONS] + ["model.loop_gate_init=0.75", f"model.layer_plan='{plan}'"]
+    cfg = load_config(ROOT / "configs" / "demo.toml", sets, small=True, small_vocab=True)
+    assert all(getattr(cfg.model, o) for o in OPTIONS) and cfg.model.loop_gate_init == 0.75
+    rows = parity.parity_rows(cfg, "float32", 11)
+    assert not [r.check for r in rows if not r.ok], "\n" + parity.format_report(rows)
+    grads = {r.check[5:] for r in rows if r.check.startswith("grad ")}
+    assert set().union(*NEW.values()) <= grads
