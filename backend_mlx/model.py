@@ -39,8 +39,9 @@ def attention(spec: ModelSpec, p: dict, prefix: str, x: mx.array) -> mx.array:
     return linear(y, p[prefix + "proj.weight"])
 
 
-def mlp(p: dict, prefix: str, x: mx.array) -> mx.array:
-    h = mx.maximum(linear(x, p[prefix + "fc.weight"]), 0)
+def mlp(p: dict, prefix: str, x: mx.array, activation: str = "relu2") -> mx.array:
+    h = linear(x, p[prefix + "fc.weight"])
+    h = mx.maximum(h, 0.5 * h) if activation == "leaky_relu2" else mx.maximum(h, 0)
     return linear(h * h, p[prefix + "proj.weight"])
 
 
@@ -56,13 +57,15 @@ def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: in
         attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
     x = x + attn_scale.astype(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
-    x = x + mlp_scale.astype(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps))
+    x = x + mlp_scale.astype(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps), spec.mlp_activation)
     return x
 
 
-def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, dtype) -> mx.array:
+def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, dtype,
+               prev_out: dict | None = None) -> mx.array:
     """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
-    switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller."""
+    switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller.
+    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated."""
     if spec.loop_embeds and layer in spec.loop_starts:
         x = x + p["loop_embeds"][spec.loop_index[layer]].astype(dtype)
     h_in = x
@@ -70,6 +73,9 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, 
         h_in = p["layer_in_gains"][layer].astype(dtype) * h_in
     if spec.iter_embeds:
         h_in = h_in + p["iter_embeds"][layer].astype(dtype)
+    b, r = spec.layer_plan[layer], spec.loop_index[layer]
+    if spec.cross_repeat_skips and r > 0:
+        h_in = h_in + p["cross_repeat_scales"][b, r - 1].astype(dtype) * prev_out[b]
     out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer)
     if spec.iter_scales:
         out = h_in + (out - h_in) * p["iter_scales"][layer].astype(dtype)
@@ -80,21 +86,23 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, 
     if spec.loop_gates and layer in spec.loop_ends:
         g = p["loop_gates"][spec.loop_index[layer]].astype(dtype)
         x = g * x + (1 - g) * x0
+    if spec.cross_repeat_skips:
+        prev_out[b] = x
     return x
 
 
 def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32,
                   collect: list | None = None) -> mx.array:
-    """Final-normed hidden states (batch, seq, dim). U-Net skips run over effective layers.
+    """Final-normed hidden states (batch, seq, dim). U-Net skips (if spec.unet_skips) run over effective layers.
     `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
     x = rms_norm(p["tok_emb.weight"][tokens], spec.norm_eps).astype(dtype)
     x0 = x
-    skips = []
+    skips, prev_out = [], {}
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].astype(dtype)
             x = x + skip_w * skips.pop()
-        x = layer_step(spec, p, layer, x, x0, dtype)
+        x = layer_step(spec, p, layer, x, x0, dtype, prev_out)
         if collect is not None:
             collect.append(x)
         if layer < spec.num_encoder_layers:

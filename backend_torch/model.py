@@ -47,8 +47,9 @@ def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor) -> torch.T
     return linear(y, p[prefix + "proj.weight"])
 
 
-def mlp(p: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    h = torch.relu(linear(x, p[prefix + "fc.weight"]))
+def mlp(p: dict, prefix: str, x: torch.Tensor, activation: str = "relu2") -> torch.Tensor:
+    h = linear(x, p[prefix + "fc.weight"])
+    h = F.leaky_relu(h, 0.5) if activation == "leaky_relu2" else torch.relu(h)
     return linear(h * h, p[prefix + "proj.weight"])
 
 
@@ -64,13 +65,15 @@ def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, l
         attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
     x = x + attn_scale.to(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
-    x = x + mlp_scale.to(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps))
+    x = x + mlp_scale.to(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps), spec.mlp_activation)
     return x
 
 
-def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.Tensor, dtype) -> torch.Tensor:
+def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.Tensor, dtype,
+               prev_out: dict | None = None) -> torch.Tensor:
     """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
-    switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller."""
+    switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller.
+    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated."""
     if spec.loop_embeds and layer in spec.loop_starts:
         x = x + p["loop_embeds"][spec.loop_index[layer]].to(dtype)
     h_in = x
@@ -78,6 +81,9 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.
         h_in = p["layer_in_gains"][layer].to(dtype) * h_in
     if spec.iter_embeds:
         h_in = h_in + p["iter_embeds"][layer].to(dtype)
+    b, r = spec.layer_plan[layer], spec.loop_index[layer]
+    if spec.cross_repeat_skips and r > 0:
+        h_in = h_in + p["cross_repeat_scales"][b, r - 1].to(dtype) * prev_out[b]
     out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer)
     if spec.iter_scales:
         out = h_in + (out - h_in) * p["iter_scales"][layer].to(dtype)
@@ -88,21 +94,23 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.
     if spec.loop_gates and layer in spec.loop_ends:
         g = p["loop_gates"][spec.loop_index[layer]].to(dtype)
         x = g * x + (1 - g) * x0
+    if spec.cross_repeat_skips:
+        prev_out[b] = x
     return x
 
 
 def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32,
                   collect: list | None = None) -> torch.Tensor:
-    """Final-normed hidden states (batch, seq, dim). U-Net skips run over effective layers.
+    """Final-normed hidden states (batch, seq, dim). U-Net skips (if spec.unet_skips) run over effective layers.
     `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
     x = rms_norm(F.embedding(tokens, p["tok_emb.weight"]), spec.norm_eps).to(dtype)
     x0 = x
-    skips = []
+    skips, prev_out = [], {}
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].to(dtype)
             x = x + skip_w * skips.pop()
-        x = layer_step(spec, p, layer, x, x0, dtype)
+        x = layer_step(spec, p, layer, x, x0, dtype, prev_out)
         if collect is not None:
             collect.append(x)
         if layer < spec.num_encoder_layers:

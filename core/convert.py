@@ -235,11 +235,10 @@ def infer_spec(weights: dict[str, np.ndarray], source: str, norm_eps: float = FL
     if not heads or dim % heads:
         raise UserError(f"{source}: q_gain has {heads} heads, which do not divide model_dim {dim}")
     kv_rows, hidden = shape("blocks.0.attn.c_k.weight", 2)[0], shape("blocks.0.mlp.fc.weight", 2)[0]
-    if kv_rows % (dim // heads) or hidden % dim:
-        raise UserError(f"{source}: c_k has {kv_rows} rows and fc {hidden}: expected multiples of head_dim "
-                        f"{dim // heads} and model_dim {dim}")
+    if kv_rows % (dim // heads):
+        raise UserError(f"{source}: c_k has {kv_rows} rows: expected a multiple of head_dim {dim // heads}")
     table = {"norm_eps": norm_eps, "vocab_size": vocab, "model_dim": dim, "num_heads": heads, "num_kv_heads": kv_rows // (dim // heads),
-             "mlp_mult": hidden // dim, "num_blocks": len(blocks), "layer_plan": list(range(len(blocks))),
+             **({"mlp_mult": hidden // dim} if hidden % dim == 0 else {"mlp_hidden": hidden}), "num_blocks": len(blocks), "layer_plan": list(range(len(blocks))),
              "tie_embeddings": "lm_head.weight" not in weights}
     return ModelSpec.from_table(table, where=f"{source} (inferred)")
 

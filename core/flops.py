@@ -87,7 +87,7 @@ def flops_per_token(spec: ModelSpec, seq_len: int, causal: bool = True) -> FlopC
     """Forward and training FLOPs per token for `spec` at `seq_len` (see the module docstring)."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    d, kv, h = spec.model_dim, spec.kv_dim, spec.mlp_hidden
+    d, kv, h = spec.model_dim, spec.kv_dim, spec.mlp_width
     # 2 d K per product with K = (T+1)/2 keys on average when causal: 2 d (T+1)/2 = d (T+1), exact.
     attn_product = d * (seq_len + 1) if causal else 2 * d * seq_len
     per_layer = {
@@ -114,8 +114,8 @@ def six_n_per_token(spec: ModelSpec) -> int:
 def largest_matmul(spec: ModelSpec, tokens: int) -> tuple[int, int, int]:
     """(M, K, N) of the forward's largest matrix product over a micro-batch of `tokens` tokens."""
     d = spec.model_dim
-    shapes = [(tokens, d, d), (tokens, d, spec.kv_dim), (tokens, d, spec.mlp_hidden),
-              (tokens, spec.mlp_hidden, d), (tokens, d, spec.vocab_size)]
+    shapes = [(tokens, d, d), (tokens, d, spec.kv_dim), (tokens, d, spec.mlp_width),
+              (tokens, spec.mlp_width, d), (tokens, d, spec.vocab_size)]
     return max(shapes, key=lambda s: s[0] * s[1] * s[2])
 
 

@@ -50,8 +50,8 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
             ParamInfo(p + "attn.c_v.weight", (spec.kv_dim, d), "uniform_fan_in", MATRIX, block=b),
             ParamInfo(p + "attn.proj.weight", (d, d), "zeros", MATRIX, block=b),
             ParamInfo(p + "attn.q_gain", (spec.num_heads,), "const", SCALAR, spec.qk_gain_init, block=b),
-            ParamInfo(p + "mlp.fc.weight", (spec.mlp_hidden, d), "uniform_fan_in", MATRIX, block=b),
-            ParamInfo(p + "mlp.proj.weight", (d, spec.mlp_hidden), "zeros", MATRIX, block=b),
+            ParamInfo(p + "mlp.fc.weight", (spec.mlp_width, d), "uniform_fan_in", MATRIX, block=b),
+            ParamInfo(p + "mlp.proj.weight", (d, spec.mlp_width), "zeros", MATRIX, block=b),
             ParamInfo(p + "attn_scale", (d,), "ones", SCALAR, block=b),
             ParamInfo(p + "mlp_scale", (d,), "ones", SCALAR, block=b),
             ParamInfo(p + "resid_mix", (2, d), "resid_mix", SCALAR, block=b),
@@ -77,6 +77,8 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
         table += [ParamInfo("layer_in_gains", (L,), "ones", SCALAR), ParamInfo("layer_out_gains", (L,), "ones", SCALAR)]
     if spec.loop_gates:
         table.append(ParamInfo("loop_gates", (R,), "const", SCALAR, spec.loop_gate_init))
+    if spec.cross_repeat_skips:
+        table.append(ParamInfo("cross_repeat_scales", (spec.num_blocks, R - 1, d), "zeros", SCALAR))
     if spec.num_skip_weights:
         table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
     if not spec.tie_embeddings:

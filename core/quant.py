@@ -52,6 +52,7 @@ CONTROL_NAME_PATTERNS = (
     # Per-iteration conditioning (core.params; layer_attn_scales, layer_mlp_scales and layer_resid_mixes
     # already match the patterns above). #319 kept its loop embeddings and gates fp32 the same way.
     "iter_embeds", "loop_embeds", "iter_scales", "layer_in_gains", "layer_out_gains", "loop_gates",
+    "cross_repeat_scales",  # #895 (issue 5 item 4)
 )
 
 

@@ -21,6 +21,7 @@ from core.tables import check_known_keys, coerce
 # torch's F.rms_norm default for float32 (eps=None -> finfo(float32).eps), which upstream train_gpt.py uses.
 FLOAT32_EPS = 1.1920928955078125e-07
 MAX_VOCAB = 65536  # shards store token ids as uint16
+MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +50,23 @@ class ModelSpec:
     layer_gains: bool = False  # layer_in_gains, layer_out_gains (L,), init 1 (#1110's hc_alpha/hc_beta, SHC n=0)
     loop_gates: bool = False  # loop_gates (num_loops,): x = g*x + (1-g)*x0 after every loop
     loop_gate_init: float = 1.0  # loop_gates' initial value; 1.0 is the identity (#319's 1/3 was its negative result)
+    # Skips and block variants (issue 5, items 4-5).
+    unet_skips: bool = True  # upstream's U-Net skip stack and skip_weights; false removes both (#319, #895)
+    cross_repeat_skips: bool = False  # cross_repeat_scales (num_blocks, num_loops-1, d), init 0 (#895)
+    mlp_activation: str = "relu2"  # "relu2": relu(h)^2 (upstream); "leaky_relu2": leaky_relu(h, 0.5)^2 (#895, #1110)
+    mlp_hidden: int = 0  # MLP hidden size; 0 means mlp_mult * model_dim (#1110, #167)
 
     def __post_init__(self):
         object.__setattr__(self, "layer_plan", tuple(int(i) for i in self.layer_plan))
         for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "num_layers", "num_blocks"):
             if getattr(self, name) < 1:
                 raise UserError(f"model.{name} = {getattr(self, name)}: expected a positive integer")
+        if self.mlp_hidden < 0:
+            raise UserError(f"model.mlp_hidden = {self.mlp_hidden}: expected 0 (mlp_mult * model_dim) or a positive size")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise UserError(
+                f"model.mlp_activation = {self.mlp_activation!r}: expected one of {', '.join(map(repr, MLP_ACTIVATIONS))}"
+            )
         for name in ("tied_embed_init_std", "rope_base", "logit_softcap", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise UserError(f"model.{name} = {getattr(self, name)}: expected a positive number")
@@ -93,6 +105,12 @@ class ModelSpec:
                 " (set model.loop_gates = true)"
             )
 
+        if self.cross_repeat_skips and self.num_loops < 2:
+            raise UserError(
+                "model.cross_repeat_skips = true needs a plan that runs some block more than once"
+                f" (model.layer_plan = {' '.join(map(str, self.layer_plan))} runs each block once)"
+            )
+
     # Derived shapes, named once so both backends agree.
     @property
     def head_dim(self) -> int:
@@ -103,13 +121,14 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     @property
-    def mlp_hidden(self) -> int:
-        return self.mlp_mult * self.model_dim
+    def mlp_width(self) -> int:
+        """The MLP's hidden size: model.mlp_hidden if set, else mlp_mult * model_dim."""
+        return self.mlp_hidden or self.mlp_mult * self.model_dim
 
     @property
     def num_encoder_layers(self) -> int:
-        """U-Net: the first L//2 effective layers push skips, the rest pop them."""
-        return self.num_layers // 2
+        """U-Net: the first L//2 effective layers push skips, the rest pop them (none without unet_skips)."""
+        return self.num_layers // 2 if self.unet_skips else 0
 
     @property
     def num_skip_weights(self) -> int:
@@ -118,17 +137,26 @@ class ModelSpec:
     # Per-iteration conditioning. Forward pass of effective layer l (block b = layer_plan[l]), with
     # x the residual stream and x0 the normed embedding; each line runs only when its option is on:
     #
-    #   decoder layer:            x = x + skip_weights[j] * skips.pop()             (U-Net, always)
+    #   unet_skips, decoder l:    x = x + skip_weights[j] * skips.pop()             (U-Net, default on)
     #   l in loop_starts, loop r: x = x + loop_embeds[r]                           (#319; persists in x)
     #   h_in = x
     #   layer_gains:              h_in = layer_in_gains[l] * h_in                  (#1110 hc_alpha)
     #   iter_embeds:              h_in = h_in + iter_embeds[l]                     (#1110, #167, #895)
+    #   cross_repeat_skips, r>0:  h_in = h_in + cross_repeat_scales[b, r-1] * prev_out[b]   (#895)
     #   out = Block_b(h_in, x0) with, if per_layer_scales, layer_attn_scales[l], layer_mlp_scales[l] and
     #         layer_resid_mixes[l] in place of the block's own (which then do not exist; #470, #167)
     #   iter_scales:              out = h_in + (out - h_in) * iter_scales[l]       (#1110)
     #   layer_gains:              x = x + layer_out_gains[l] * (out - h_in)        (#1110 hc_beta)
     #   otherwise:                x = out
     #   l in loop_ends, loop r:   x = loop_gates[r] * x + (1 - loop_gates[r]) * x0  (#319)
+    #   cross_repeat_skips:       prev_out[b] = x                                  (gradient flows through it)
+    #   unet_skips, encoder l:    skips.push(x)
+    #
+    # Here r = loop_index[l] (the block's use count so far) and prev_out[b] is the layer output x (the value
+    # `collect` records) at block b's previous use. The cross-repeat term follows #895's order: after the
+    # iteration embedding (#895's loop_embed), right before the block; with layer_gains off it stays in x.
+    # Entries (b, r-1) for a use r the plan never reaches stay 0 and get no gradient. Inside the block the
+    # MLP is proj(act(fc(h))) with act relu(h)^2 or, for mlp_activation = "leaky_relu2", leaky_relu(h, 0.5)^2.
     #
     # With layer_gains off the iteration embedding stays in the residual stream (#167, #895); with it on
     # only the block's change is added back, as #1110. The loop gate runs after EVERY loop, the first
@@ -197,7 +225,7 @@ class ModelSpec:
         for key, value in table.items():
             if key == "layer_plan":
                 continue
-            annotation = {"int": int, "float": float, "bool": bool}[hints[key]]
+            annotation = {"int": int, "float": float, "bool": bool, "str": str}[hints[key]]
             values[key] = coerce(value, annotation, f"{where}.{key}")
         if "layer_plan" in table:
             plan, blocks = parse_layer_plan(table["layer_plan"], values.get("num_layers"), f"{where}.layer_plan")
@@ -222,7 +250,10 @@ class ModelSpec:
         plan = " ".join(str(b) for b in self.layer_plan)
         return (
             f"{self.num_blocks} unique block(s) over {self.num_layers} effective layers [{plan}], "
-            f"d={self.model_dim}, heads {self.num_heads}/{self.num_kv_heads} kv, mlp {self.mlp_mult}x, vocab {self.vocab_size}"
+            f"d={self.model_dim}, heads {self.num_heads}/{self.num_kv_heads} kv, "
+            + (f"mlp {self.mlp_hidden}" if self.mlp_hidden else f"mlp {self.mlp_mult}x")
+            + ("" if self.mlp_activation == "relu2" else f" {self.mlp_activation}")
+            + f", vocab {self.vocab_size}"
         )
 
 

@@ -51,15 +51,17 @@ def reference_logits(spec, w, tokens):
         return y.transpose(0, 2, 1, 3).reshape(b, t, d) @ w[p + "proj.weight"].T
 
     def mlp(p, x):
-        return (np.maximum(x @ w[p + "fc.weight"].T, 0) ** 2) @ w[p + "proj.weight"].T
+        h = x @ w[p + "fc.weight"].T
+        h = np.where(h > 0, h, 0.5 * h if spec.mlp_activation == "leaky_relu2" else 0.0)
+        return (h**2) @ w[p + "proj.weight"].T
 
     # The per-iteration conditioning options (core.spec.ModelSpec), written from the plan directly: the
     # loop of a layer is how often its block ran before it; a loop starts or ends where that changes.
     plan = list(spec.layer_plan)
     loop = [plan[:i].count(b) for i, b in enumerate(plan)]
     x = rms(w["tok_emb.weight"][tokens])
-    x0, skips = x, []
-    enc = spec.num_layers // 2
+    x0, skips, prev = x, [], {}
+    enc = spec.num_layers // 2 if spec.unet_skips else 0
     for layer, blk in enumerate(plan):
         p = f"blocks.{blk}."
         if layer >= enc and skips:
@@ -69,6 +71,8 @@ def reference_logits(spec, w, tokens):
         h = w["layer_in_gains"][layer] * x if spec.layer_gains else x
         if spec.iter_embeds:
             h = h + w["iter_embeds"][layer]
+        if spec.cross_repeat_skips and loop[layer] > 0:
+            h = h + w["cross_repeat_scales"][blk, loop[layer] - 1] * prev[blk]
         if spec.per_layer_scales:
             mix, a, m = w["layer_resid_mixes"][layer], w["layer_attn_scales"][layer], w["layer_mlp_scales"][layer]
         else:
@@ -82,6 +86,7 @@ def reference_logits(spec, w, tokens):
         if spec.loop_gates and (layer == len(plan) - 1 or loop[layer] != loop[layer + 1]):
             g = w["loop_gates"][loop[layer]]
             x = g * x + (1 - g) * x0
+        prev[blk] = x
         if layer < enc:
             skips.append(x)
     z = rms(x) @ w["tok_emb.weight"].T

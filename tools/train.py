@@ -80,7 +80,7 @@ def memory_estimate(cfg: RunConfig, micro_tokens: int, act_bytes: int) -> dict[s
     spec = cfg.model
     matrix = sum(i.numel for i in param_table(spec) if i.group == MATRIX)
     unique, _ = count_params(spec)
-    per_layer = 12 * spec.model_dim + 2 * spec.mlp_hidden
+    per_layer = 12 * spec.model_dim + 2 * spec.mlp_width
     return {
         "weights": 4 * unique,
         "grads": 4 * unique,

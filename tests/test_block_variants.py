@@ -1,0 +1,166 @@
+"""Skips and block variants (issue 5, items 4-5), in both backends: unet_skips, cross_repeat_skips,
+mlp_activation and mlp_hidden.
+
+As tests/test_recurrence_options.py: cross_repeat_skips is zero-initialised, so switching it on leaves the
+step-0 logits; unet_skips = false and the MLP variants change the function by design, so for them the test is
+agreement with the numpy float64 reference of tests/test_mlx_model.py. For all: MLX and torch agree, every
+parameter gets a gradient and sits in exactly one optimizer group, and `loopgolf parity` passes with them on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import backend_torch  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch's OpenMP starts)
+
+mx = pytest.importorskip("mlx.core")
+torch = pytest.importorskip("torch")
+
+import backend_mlx  # noqa: E402
+from backend_mlx import model as mm  # noqa: E402
+from backend_mlx.optim import init_state as mlx_init_state, make_update as mlx_make_update  # noqa: E402
+from backend_torch import model as tm  # noqa: E402
+from backend_torch.optim import init_state as torch_init_state, make_update as torch_make_update  # noqa: E402
+from core.config import OptimConfig, load_config  # noqa: E402
+from core.errors import UserError  # noqa: E402
+from core.params import GROUPS, SCALAR, count_params, init_weights, param_table  # noqa: E402
+from core.quant import is_control_name  # noqa: E402
+from core.spec import ModelSpec  # noqa: E402
+from tests.test_mlx_model import reference_logits  # noqa: E402
+from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, spec_for, tokens  # noqa: E402
+from tools import parity  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    "no_unet": {"unet_skips": False},
+    "cross_repeat": {"cross_repeat_skips": True},
+    "leaky": {"mlp_activation": "leaky_relu2"},
+    "hidden": {"mlp_hidden": 40},
+}
+EVERYTHING = {"unet_skips": False, "cross_repeat_skips": True, "mlp_activation": "leaky_relu2", "mlp_hidden": 40}
+
+
+def test_defaults_validation_and_round_trip():
+    s = ModelSpec()
+    assert s.unet_skips and not s.cross_repeat_skips and s.mlp_activation == "relu2" and s.mlp_hidden == 0
+    assert s.mlp_width == 2 * 512
+    on = spec_for("2x3", **EVERYTHING)
+    assert ModelSpec.from_json(on.to_json()) == on and on.mlp_width == 40
+    for text in ('"unet_skips":false', '"cross_repeat_skips":true', '"mlp_activation":"leaky_relu2"', '"mlp_hidden":40'):
+        assert text in on.to_json()
+    with pytest.raises(UserError, match="mlp_activation = 'gelu': expected one of 'relu2', 'leaky_relu2'"):
+        ModelSpec.from_table({"mlp_activation": "gelu"})
+    with pytest.raises(UserError, match="mlp_hidden = -1"):
+        ModelSpec.from_table({"mlp_hidden": -1})
+    with pytest.raises(UserError, match="expected true or false"):
+        ModelSpec.from_table({"unet_skips": "no"})
+    with pytest.raises(UserError, match="cross_repeat_skips = true needs a plan that runs some block more than once"):
+        spec_for("flat", num_layers=3, cross_repeat_skips=True)
+
+
+def test_parameter_table():
+    d = TINY["model_dim"]
+    base = spec_for("3x4")
+    assert {i.name: i.shape for i in param_table(base)}["skip_weights"] == (6, d)
+    off = spec_for("3x4", unet_skips=False)
+    assert "skip_weights" not in {i.name for i in param_table(off)}
+    assert count_params(base)[0] - count_params(off)[0] == 6 * d
+    cr = spec_for("3x4", cross_repeat_skips=True)
+    info = {i.name: i for i in param_table(cr)}["cross_repeat_scales"]
+    assert info.shape == (3, 3, d) and info.group == SCALAR and info.block is None and info.init == "zeros"
+    assert is_control_name("cross_repeat_scales") and (init_weights(cr)["cross_repeat_scales"] == 0).all()
+    assert count_params(cr)[0] - count_params(base)[0] == 3 * 3 * d
+    h = spec_for("3x4", mlp_hidden=40)
+    shapes = {i.name: i.shape for i in param_table(h)}
+    assert shapes["blocks.0.mlp.fc.weight"] == (40, d) and shapes["blocks.2.mlp.proj.weight"] == (d, 40)
+    assert count_params(h)[0] - count_params(base)[0] == 3 * 2 * d * (40 - 2 * d)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_cross_repeat_skips_at_init_leave_the_logits(plan):
+    off, on = spec_for(plan, **ALL_ON), spec_for(plan, **ALL_ON, cross_repeat_skips=True)
+    w_off = parity.perturbed_weights(off, 3)
+    w_on = {**w_off, "cross_repeat_scales": init_weights(on, 3)["cross_repeat_scales"]}
+    x = tokens()
+    for backend in (backend_mlx, backend_torch):
+        np.testing.assert_array_equal(backend.forward_logits(on, w_on, x), backend.forward_logits(off, w_off, x))
+    moved = {**w_on, "cross_repeat_scales": w_on["cross_repeat_scales"] + 0.1}
+    assert np.abs(backend_torch.forward_logits(on, moved, x) - backend_torch.forward_logits(on, w_on, x)).max() > 1e-3
+
+
+CASES = [(v, p) for v in VARIANTS for p in PLANS] + [("all", p) for p in PLANS] + [("all+conditioning", "2x3")]
+
+
+def options_for(variant: str) -> dict:
+    if variant == "all":
+        return EVERYTHING
+    if variant == "all+conditioning":
+        return {**EVERYTHING, **ALL_ON, "loop_gate_init": 0.7}
+    return VARIANTS[variant]
+
+
+@pytest.mark.parametrize("variant,plan", CASES)
+def test_backends_and_numpy_reference_agree(variant, plan):
+    spec = spec_for(plan, **options_for(variant))
+    w, x = parity.perturbed_weights(spec, 5), tokens(2)
+    got_m = backend_mlx.forward_logits(spec, w, x)
+    got_t = backend_torch.forward_logits(spec, w, x)
+    assert np.abs(got_m - got_t).max() < LOGIT_ATOL
+    np.testing.assert_allclose(got_m, reference_logits(spec, w, x), atol=1e-4, rtol=0)
+    # The variant is live: the reference of the default spec differs.
+    if variant in ("no_unet", "leaky"):  # (mlp_hidden changes shapes: test_parameter_table covers it)
+        plain = spec_for(plan)
+        w_plain = {i.name: w.get(i.name, init_weights(plain)[i.name]) for i in param_table(plain)}
+        assert np.abs(reference_logits(plain, w_plain, x) - got_m).max() > 1e-3
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
+    spec = spec_for(plan, **EVERYTHING, **ALL_ON, loop_gate_init=0.8)
+    table = param_table(spec)
+    w = parity.perturbed_weights(spec, 7)
+    t = tokens(4, seq=17)
+    x, y = t[:, :-1], t[:, 1:]
+    gm = mx.grad(lambda p: mm.mean_loss(spec, p, mx.array(x), mx.array(y)))({k: mx.array(v) for k, v in w.items()})
+    pt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
+    tm.mean_loss(spec, pt, torch.tensor(x), torch.tensor(y)).backward()
+    assert set(gm) == {i.name for i in table} and "skip_weights" not in gm
+    for info in table:
+        g_m, g_t = np.array(gm[info.name]), pt[info.name].grad.numpy()
+        assert np.abs(g_m).max() > 0 and np.abs(g_t).max() > 0, f"{info.name} gets no gradient"
+        np.testing.assert_allclose(g_m, g_t, atol=1e-6 + 1e-4 * np.abs(g_t).max(), rtol=0, err_msg=info.name)
+        assert info.group in GROUPS
+    # Every (block, repeat) row the plan reaches trains; the rest stay untouched.
+    uses = {b: spec.layer_plan.count(b) for b in range(spec.num_blocks)}
+    rows = np.abs(np.array(gm["cross_repeat_scales"])).max(-1)
+    for b in range(spec.num_blocks):
+        for r in range(spec.num_loops - 1):
+            assert (rows[b, r] > 0) == (r + 1 < uses[b]), (b, r)
+    optim = OptimConfig()
+    for state in (mlx_init_state(spec, {}), torch_init_state(spec)):
+        for info in table:
+            assert (info.name in state["muon"]) + (info.name in state["adam"]) == 1, info.name
+            assert (info.name in state["adam"]) == (info.group != "matrix")
+    mp = {k: mx.array(v) for k, v in w.items()}
+    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec, mp), gm, mx.array(1.0), mx.array(0.95))
+    tp = {k: torch.tensor(v) for k, v in w.items()}
+    torch_make_update(spec, optim)(tp, torch_init_state(spec), {k: v.grad for k, v in pt.items()},
+                                   torch.tensor(1.0), torch.tensor(0.95))
+    for got in (np.array(mp2["cross_repeat_scales"]), tp["cross_repeat_scales"].numpy()):
+        assert np.abs(got - w["cross_repeat_scales"]).max() > 1e-3
+
+
+def test_parity_with_the_variants_on():
+    """`loopgolf parity --config configs/demo.toml --small --set model.unet_skips=false --set ...`."""
+    sets = ["model.unet_skips=false", "model.cross_repeat_skips=true", "model.mlp_activation='leaky_relu2'",
+            "model.mlp_hidden=48", "model.layer_plan='2x3'"]
+    cfg = load_config(ROOT / "configs" / "demo.toml", sets, small=True, small_vocab=True)
+    assert not cfg.model.unet_skips and cfg.model.cross_repeat_skips and cfg.model.mlp_hidden == 48
+    rows = parity.parity_rows(cfg, "float32", 11)
+    assert not [r.check for r in rows if not r.ok], "\n" + parity.format_report(rows)
+    grads = {r.check[5:] for r in rows if r.check.startswith("grad ")}
+    assert "cross_repeat_scales" in grads and "skip_weights" not in grads
+    assert any(r.check == "op mlp (leaky_relu2)" for r in rows)
