@@ -1,6 +1,6 @@
 """The looped transformer in MLX, as a pure function of the spec and a flat {name: array} dict.
 
-Mirrors backend_torch/model.py line by line against core.spec: same names, weights (out, in) applied as
+Mirrors the torch backend's model.py line by line against core.spec: same names, weights (out, in) applied as
 x @ W.T, same numerics. Weights stay float32; matrix products run in the compute dtype.
 """
 

@@ -1,6 +1,6 @@
 """Muon for block matrices, Adam for the rest, as pure functions over explicit state (compile-friendly).
 
-Mirrors backend_torch/optim.py. Upstream's maths: Newton-Schulz with 5 quintic steps, Nesterov
+Mirrors the torch backend's optim.py. Upstream's maths: Newton-Schulz with 5 quintic steps, Nesterov
 momentum, update scaled by sqrt(max(1, rows/cols)); Adam with bias correction. On MLX the
 Newton-Schulz iteration runs in float32, as upstream's MLX script does.
 """

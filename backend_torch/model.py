@@ -1,6 +1,6 @@
 """The looped transformer in PyTorch, as a pure function of the spec and a flat {name: tensor} dict.
 
-Mirrors backend_mlx/model.py line by line against core.spec: same names, weights (out, in) applied as
+Mirrors the MLX backend's model.py line by line against core.spec: same names, weights (out, in) applied as
 x @ W.T, same numerics. Weights stay float32; matrix products run in the compute dtype.
 """
 

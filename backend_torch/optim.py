@@ -1,6 +1,6 @@
 """Muon for block matrices, Adam for the rest, as functions over explicit state (plain tensors).
 
-Mirrors backend_mlx/optim.py. Upstream's maths: Newton-Schulz with 5 quintic steps, Nesterov
+Mirrors the MLX backend's optim.py. Upstream's maths: Newton-Schulz with 5 quintic steps, Nesterov
 momentum, update scaled by sqrt(max(1, rows/cols)); Adam with bias correction. Newton-Schulz runs in
 bfloat16 on CUDA (upstream) and float32 on CPU (as MLX), chosen by the caller.
 

@@ -10,7 +10,7 @@ def test_counted_files_are_the_training_path():
     names = {str(p.relative_to(ROOT)) for p in code_files("torch")}
     for needed in ("core/loop.py", "core/quant.py", "core/artifact.py", "backend_torch/model.py", "backend_torch/trainer.py"):
         assert needed in names
-    for tool_only in ("core/convert.py", "core/pickle_safe.py", "core/tolerances.py", "backend_mlx/model.py"):
+    for tool_only in ("tools/formats.py", "tools/pickle_safe.py", "core/tolerances.py", "backend_mlx/model.py"):
         assert tool_only not in names
     assert code_bytes("torch") == sum(p.stat().st_size for p in code_files("torch"))
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from core.artifact import read_artifact, write_artifact
-from core.convert import MLX_NORM_EPS, convert, flip_rope_halves, read_weights_file, write_weights_file
+from tools.formats import MLX_NORM_EPS, convert, flip_rope_halves, read_weights_file, write_weights_file
 from core.errors import UserError
 from core.params import param_table
-from core.pickle_safe import as_recorded, dequantize_upstream, load_pickle
+from tools.pickle_safe import as_recorded, dequantize_upstream, load_pickle
 from core.quant import ROLE_QUANTIZED, Int8CleanPerRow, dequantize_weights, is_control_name, quantize_weights
 from core.spec import ModelSpec
 from core.weights import load_weights, save_weights

@@ -1,11 +1,11 @@
-"""`loopgolf convert IN OUT`: weights between loopgolf's formats and upstream's (see core/convert.py)."""
+"""`loopgolf convert IN OUT`: weights between loopgolf's formats and upstream's (see tools/formats.py)."""
 
 from __future__ import annotations
 
 import argparse
 
 from core.config import parse_override
-from core.convert import DESCRIBE, convert
+from tools.formats import DESCRIBE, convert
 from core.errors import UserError
 
 EPILOG = "formats (by file name):\n  " + "\n  ".join(DESCRIBE.values()) + """

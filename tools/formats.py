@@ -8,7 +8,7 @@ Formats, by file name (an input with another name, by its first bytes):
   .pt/.pth      torch.load(weights_only=True) only: upstream's `final_model.pt` (bf16 embedding, fp32
                 linears) or ours (float32 + the spec string under PT_SPEC_KEY)
   .ptz          upstream's int8 artifact, zlib of torch.save (train_gpt.py) or of a numpy pickle
-                (train_gpt_mlx.py, core.pickle_safe); dequantized; read only
+                (train_gpt_mlx.py, tools.pickle_safe); dequantized; read only
   .art          loopgolf's artifact: dequantized on read, quantized (int8, zlib) on write
 
 Every tensor is float32 on the way out. Upstream files carry no spec: it is inferred from the shapes
@@ -30,7 +30,7 @@ import numpy as np
 from core.atomic import atomic_path, atomic_write_bytes
 from core.errors import UserError
 from core.params import param_table
-from core.pickle_safe import MAX_INFLATED_BYTES, first_line, need_torch, read_upstream_ptz, tensors_to_numpy, torch_load
+from tools.pickle_safe import MAX_INFLATED_BYTES, first_line, need_torch, read_upstream_ptz, tensors_to_numpy, torch_load
 from core.spec import FLOAT32_EPS, ModelSpec
 from core.weights import SPEC_KEY, check_weights, load_weights, save_weights
 from core.weights import read_header as read_safetensors_header  # one-line errors for a bad header
