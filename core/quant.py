@@ -162,6 +162,22 @@ def dequantize_passthrough(t: QuantizedTensor) -> np.ndarray:
     return t.data.astype(np.float32) if t.data.dtype.kind == "f" else t.data.copy()
 
 
+def check_codes(t: QuantizedTensor, qmax: int, scheme: str) -> str | None:
+    """What every per-row integer scheme requires of a quantized tensor read from a file: int8 codes in
+    [-qmax, qmax], more elements than the passthrough size, and a scale."""
+    if t.role != ROLE_QUANTIZED:
+        return f"unknown role {t.role!r}"
+    if t.data.dtype != np.int8:
+        return f"quantized data has dtype {t.data.dtype}, expected int8"
+    if t.data.size <= KEEP_FLOAT_MAX_NUMEL:
+        return f"a quantized tensor has {t.data.size} elements; {scheme} quantizes only more than {KEEP_FLOAT_MAX_NUMEL}"
+    if t.data.size and (int(t.data.min()) < -qmax or int(t.data.max()) > qmax):
+        return f"quantized codes outside [-{qmax}, {qmax}] for {scheme}"
+    if t.scale is None:
+        return "a quantized tensor has no scale"
+    return None
+
+
 class Int8CleanPerRow:
     """Upstream's int8_clean_per_row_v1 (see the module docstring)."""
 
@@ -192,16 +208,9 @@ class Int8CleanPerRow:
             if t.data.dtype != (np.float32 if is_control_name(name) else np.float16):
                 return f"passthrough dtype {t.data.dtype} breaks the int8 scheme's fp16/fp32 rule"
             return None
-        if t.role != ROLE_QUANTIZED:
-            return f"unknown role {t.role!r}"
-        if t.data.dtype != np.int8:
-            return f"quantized data has dtype {t.data.dtype}, expected int8"
-        if t.data.size <= KEEP_FLOAT_MAX_NUMEL:
-            return f"a quantized tensor has {t.data.size} elements; int8 quantizes only more than {KEEP_FLOAT_MAX_NUMEL}"
-        if t.data.size and int(t.data.min()) < -INT8_MAX:
-            return "quantized codes outside [-127, 127]"
-        if t.scale is None:
-            return "a quantized tensor has no scale"
+        problem = check_codes(t, INT8_MAX, "int8")
+        if problem:
+            return problem
         if t.data.ndim == 2:
             expected = (np.dtype(np.float16), (t.data.shape[0],))
         else:
@@ -301,17 +310,10 @@ class IntNClipSearch:
     def check_tensor(self, name: str, t: QuantizedTensor) -> str | None:
         if t.role == ROLE_PASSTHROUGH:
             return Int8CleanPerRow().check_tensor(name, t)
-        if t.role != ROLE_QUANTIZED:
-            return f"unknown role {t.role!r}"
-        if t.data.dtype != np.int8:
-            return f"quantized data has dtype {t.data.dtype}, expected int8"
-        if t.data.size <= KEEP_FLOAT_MAX_NUMEL:
-            return f"a quantized tensor has {t.data.size} elements; {self.name} quantizes only more than {KEEP_FLOAT_MAX_NUMEL}"
-        if t.data.size and (int(t.data.min()) < -self.qmax or int(t.data.max()) > self.qmax):
-            return f"quantized codes outside [-{self.qmax}, {self.qmax}] for {self.name}"
+        problem = check_codes(t, self.qmax, self.name)
+        if problem:
+            return problem
         rows = _rows_view(t.data.shape)[0]
-        if t.scale is None:
-            return "a quantized tensor has no scale"
         if t.scale.dtype != np.float16 or t.scale.shape != (rows,):
             return f"scale is {t.scale.dtype}{list(t.scale.shape)}, expected float16[{rows}] for {self.name}"
         if not np.all(np.isfinite(t.scale)) or np.any(t.scale <= 0):

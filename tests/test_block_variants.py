@@ -21,16 +21,14 @@ torch = pytest.importorskip("torch")
 
 import backend_mlx  # noqa: E402
 from backend_mlx import model as mm  # noqa: E402
-from backend_mlx.optim import init_state as mlx_init_state, make_update as mlx_make_update  # noqa: E402
 from backend_torch import model as tm  # noqa: E402
-from backend_torch.optim import init_state as torch_init_state, make_update as torch_make_update  # noqa: E402
-from core.config import OptimConfig, load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.params import GROUPS, SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
 from tests.test_mlx_model import reference_logits  # noqa: E402
-from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, spec_for, tokens  # noqa: E402
+from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, one_step_in_both, spec_for, tokens  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,17 +137,8 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
     for b in range(spec.num_blocks):
         for r in range(spec.num_loops - 1):
             assert (rows[b, r] > 0) == (r + 1 < uses[b]), (b, r)
-    optim = OptimConfig()
-    for state in (mlx_init_state(spec, {}), torch_init_state(spec)):
-        for info in table:
-            assert (info.name in state["muon"]) + (info.name in state["adam"]) == 1, info.name
-            assert (info.name in state["adam"]) == (info.group != "matrix")
-    mp = {k: mx.array(v) for k, v in w.items()}
-    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec, mp), gm, mx.array(1.0), mx.array(0.95))
-    tp = {k: torch.tensor(v) for k, v in w.items()}
-    torch_make_update(spec, optim)(tp, torch_init_state(spec), {k: v.grad for k, v in pt.items()},
-                                   torch.tensor(1.0), torch.tensor(0.95))
-    for got in (np.array(mp2["cross_repeat_scales"]), tp["cross_repeat_scales"].numpy()):
+    after_mlx, after_torch = one_step_in_both(spec, w, gm, {k: v.grad for k, v in pt.items()})
+    for got in (after_mlx["cross_repeat_scales"], after_torch["cross_repeat_scales"]):
         assert np.abs(got - w["cross_repeat_scales"]).max() > 1e-3
 
 

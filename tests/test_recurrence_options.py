@@ -191,19 +191,10 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
             assert (np.abs(g_m) > 0).all(), info.name
         assert info.group in GROUPS
     # Exactly one optimizer group holds each parameter, in both backends, and one step moves it.
-    optim = OptimConfig()
-    for state in (mlx_init_state(spec, {}), torch_init_state(spec)):
-        for info in table:
-            assert (info.name in state["muon"]) + (info.name in state["adam"]) == 1, info.name
-            assert (info.name in state["adam"]) == (info.group != "matrix")
-    mp = {k: mx.array(v) for k, v in w.items()}
-    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec, mp), gm, mx.array(1.0), mx.array(0.95))
-    tp = {k: torch.tensor(v) for k, v in w.items()}
-    torch_make_update(spec, optim)(tp, torch_init_state(spec), {k: v.grad for k, v in pt.items()},
-                                   torch.tensor(1.0), torch.tensor(0.95))
+    after_mlx, after_torch = one_step_in_both(spec, w, gm, {k: v.grad for k, v in pt.items()})
     for name in new:  # Adam's first step moves every element with a nonzero gradient by about scalar_lr
-        assert np.abs(np.array(mp2[name]) - w[name]).max() > 1e-3, name
-        assert np.abs(tp[name].numpy() - w[name]).max() > 1e-3, name
+        assert np.abs(after_mlx[name] - w[name]).max() > 1e-3, name
+        assert np.abs(after_torch[name] - w[name]).max() > 1e-3, name
 
 
 # ---- parity through --set --------------------------------------------------------------------------------
@@ -219,3 +210,19 @@ def test_parity_with_all_options_on(plan):
     assert not [r.check for r in rows if not r.ok], "\n" + parity.format_report(rows)
     grads = {r.check[5:] for r in rows if r.check.startswith("grad ")}
     assert set().union(*NEW.values()) <= grads
+
+
+def one_step_in_both(spec, w, mlx_grads, torch_grads):
+    """Assert every parameter sits in exactly one optimizer group of each backend (Muon for matrices,
+    Adam for the rest), then take one update in each from weights `w`; return the weights after it as
+    numpy, (MLX, torch)."""
+    optim = OptimConfig()
+    for state in (mlx_init_state(spec, {}), torch_init_state(spec)):
+        for info in param_table(spec):
+            assert (info.name in state["muon"]) + (info.name in state["adam"]) == 1, info.name
+            assert (info.name in state["adam"]) == (info.group != "matrix")
+    mp = {k: mx.array(v) for k, v in w.items()}
+    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec, mp), mlx_grads, mx.array(1.0), mx.array(0.95))
+    tp = {k: torch.tensor(v) for k, v in w.items()}
+    torch_make_update(spec, optim)(tp, torch_init_state(spec), torch_grads, torch.tensor(1.0), torch.tensor(0.95))
+    return {k: np.array(v) for k, v in mp2.items()}, {k: v.numpy() for k, v in tp.items()}
