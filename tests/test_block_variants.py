@@ -20,15 +20,13 @@ mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
 import backend_mlx  # noqa: E402
-from backend_mlx import model as mm  # noqa: E402
-from backend_torch import model as tm  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.params import GROUPS, SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
 from tests.test_mlx_model import reference_logits  # noqa: E402
-from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, one_step_in_both, spec_for, tokens  # noqa: E402
+from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, grads_in_both, one_step_in_both, spec_for, tokens  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,14 +118,10 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
     spec = spec_for(plan, **EVERYTHING, **ALL_ON, loop_gate_init=0.8)
     table = param_table(spec)
     w = parity.perturbed_weights(spec, 7)
-    t = tokens(4, seq=17)
-    x, y = t[:, :-1], t[:, 1:]
-    gm = mx.grad(lambda p: mm.mean_loss(spec, p, mx.array(x), mx.array(y)))({k: mx.array(v) for k, v in w.items()})
-    pt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
-    tm.mean_loss(spec, pt, torch.tensor(x), torch.tensor(y)).backward()
+    gm, gt = grads_in_both(spec, w)
     assert set(gm) == {i.name for i in table} and "skip_weights" not in gm
     for info in table:
-        g_m, g_t = np.array(gm[info.name]), pt[info.name].grad.numpy()
+        g_m, g_t = np.array(gm[info.name]), gt[info.name].numpy()
         assert np.abs(g_m).max() > 0 and np.abs(g_t).max() > 0, f"{info.name} gets no gradient"
         np.testing.assert_allclose(g_m, g_t, atol=1e-6 + 1e-4 * np.abs(g_t).max(), rtol=0, err_msg=info.name)
         assert info.group in GROUPS
@@ -137,7 +131,7 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
     for b in range(spec.num_blocks):
         for r in range(spec.num_loops - 1):
             assert (rows[b, r] > 0) == (r + 1 < uses[b]), (b, r)
-    after_mlx, after_torch = one_step_in_both(spec, w, gm, {k: v.grad for k, v in pt.items()})
+    after_mlx, after_torch = one_step_in_both(spec, w, gm, gt)
     for got in (after_mlx["cross_repeat_scales"], after_torch["cross_repeat_scales"]):
         assert np.abs(got - w["cross_repeat_scales"]).max() > 1e-3
 

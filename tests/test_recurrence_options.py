@@ -174,14 +174,10 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
     spec = spec_for(plan, **ALL_ON, loop_gate_init=0.8)
     table = param_table(spec)
     w = parity.perturbed_weights(spec, 7)
-    t = tokens(4, seq=17)
-    x, y = t[:, :-1], t[:, 1:]
-    gm = mx.grad(lambda p: mm.mean_loss(spec, p, mx.array(x), mx.array(y)))({k: mx.array(v) for k, v in w.items()})
-    pt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
-    tm.mean_loss(spec, pt, torch.tensor(x), torch.tensor(y)).backward()
+    gm, gt = grads_in_both(spec, w)
     new = set().union(*NEW.values())
     for info in table:
-        g_m, g_t = np.array(gm[info.name]), pt[info.name].grad.numpy()
+        g_m, g_t = np.array(gm[info.name]), gt[info.name].numpy()
         assert np.abs(g_m).max() > 0 and np.abs(g_t).max() > 0, f"{info.name} gets no gradient"
         np.testing.assert_allclose(g_m, g_t, atol=1e-6 + 1e-4 * np.abs(g_t).max(), rtol=0, err_msg=info.name)
         if info.name in new and len(info.shape) > 1:  # every layer's (or loop's) row trains
@@ -191,7 +187,7 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
             assert (np.abs(g_m) > 0).all(), info.name
         assert info.group in GROUPS
     # Exactly one optimizer group holds each parameter, in both backends, and one step moves it.
-    after_mlx, after_torch = one_step_in_both(spec, w, gm, {k: v.grad for k, v in pt.items()})
+    after_mlx, after_torch = one_step_in_both(spec, w, gm, gt)
     for name in new:  # Adam's first step moves every element with a nonzero gradient by about scalar_lr
         assert np.abs(after_mlx[name] - w[name]).max() > 1e-3, name
         assert np.abs(after_torch[name] - w[name]).max() > 1e-3, name
@@ -226,3 +222,13 @@ def one_step_in_both(spec, w, mlx_grads, torch_grads):
     tp = {k: torch.tensor(v) for k, v in w.items()}
     torch_make_update(spec, optim)(tp, torch_init_state(spec), torch_grads, torch.tensor(1.0), torch.tensor(0.95))
     return {k: np.array(v) for k, v in mp2.items()}, {k: v.numpy() for k, v in tp.items()}
+
+
+def grads_in_both(spec, w):
+    """One backward pass of the mean loss on a fixed batch from weights `w`: (MLX grads, torch grads)."""
+    t = tokens(4, seq=17)
+    x, y = t[:, :-1], t[:, 1:]
+    gm = mx.grad(lambda p: mm.mean_loss(spec, p, mx.array(x), mx.array(y)))({k: mx.array(v) for k, v in w.items()})
+    pt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
+    tm.mean_loss(spec, pt, torch.tensor(x), torch.tensor(y)).backward()
+    return gm, {k: v.grad for k, v in pt.items()}
