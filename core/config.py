@@ -1,4 +1,4 @@
-"""Run configs: a TOML file with [model], [train], [optim], [data] and [artifact] tables.
+"""Run configs: a TOML file with [model], [train], [optim], [data], [artifact], [eval] and [average] tables.
 
 Defaults are upstream train_gpt.py's. `--set section.key=value` overrides any key; `--small` shrinks a
 config for a quick check while keeping its topology (plan, options, schedules).
@@ -130,18 +130,59 @@ class ArtifactConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """[eval]: how the final model is scored beyond upstream's standard non-overlapping eval."""
+
+    stride: int = 0  # >0: also run sliding-window eval with this stride (tokens scored per window)
+    seq_len: int = 0  # window length of the sliding eval; 0: train.seq_len
+    batch_seqs: int = 32  # windows per forward batch
+    hedge: bool = False  # also report the Hedge mixer's bpb (#895, without its entropy expert), never instead
+    hedge_eta: float = 0.1
+
+    def __post_init__(self):
+        for key in ("stride", "seq_len"):
+            if getattr(self, key) < 0:
+                raise UserError(f"eval.{key} = {getattr(self, key)}: expected 0 or more")
+        if self.batch_seqs < 1:
+            raise UserError(f"eval.batch_seqs = {self.batch_seqs}: expected a positive integer")
+        if self.hedge_eta <= 0:
+            raise UserError(f"eval.hedge_eta = {self.hedge_eta}: expected a positive number")
+
+
+@dataclasses.dataclass(frozen=True)
+class AverageConfig:
+    """[average]: weight averaging during training; the averaged weights are exported and evaluated."""
+
+    ema_decay: float = 0.0  # >0: EMA of the full state with this decay per step (e.g. 0.997)
+    swa_every: int = 0  # >0: an SWA snapshot every K steps once the LR scale falls below swa_lr_threshold
+    swa_lr_threshold: float = 0.4
+
+    def __post_init__(self):
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"average.ema_decay = {self.ema_decay}: expected 0 (off) or a number in (0, 1)")
+        if self.swa_every < 0:
+            raise UserError(f"average.swa_every = {self.swa_every}: expected 0 (off) or more")
+        if not 0 < self.swa_lr_threshold <= 1:
+            raise UserError(f"average.swa_lr_threshold = {self.swa_lr_threshold}: expected a number in (0, 1]")
+        if self.ema_decay > 0 and self.swa_every > 0:
+            raise UserError("[average]: ema_decay and swa_every are both set; choose one averaging method")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelSpec
     train: TrainConfig
     optim: OptimConfig
     data: DataConfig
     artifact: ArtifactConfig
+    eval: EvalConfig = EvalConfig()
+    average: AverageConfig = AverageConfig()
     source: str = ""
 
     def to_toml(self) -> str:
         """The resolved config, written into every run directory."""
         lines = [f"# resolved from {self.source}" if self.source else "# resolved config"]
-        for section in ("model", "train", "optim", "data", "artifact"):
+        for section in SECTIONS:
             value = getattr(self, section)
             table = value.to_dict() if section == "model" else dataclasses.asdict(value)
             lines.append(f"\n[{section}]")
@@ -149,7 +190,8 @@ class RunConfig:
         return "\n".join(lines) + "\n"
 
 
-SECTIONS = {"model": None, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig, "artifact": ArtifactConfig}
+SECTIONS = {"model": None, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig, "artifact": ArtifactConfig,
+            "eval": EvalConfig, "average": AverageConfig}
 
 
 def _toml_value(v: Any) -> str:

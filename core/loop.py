@@ -80,6 +80,7 @@ class Trainer:
         self.checkpoint_root = Path(out_dir) / ckpt_io.DIR_NAME if out_dir is not None else None
         self.last_checkpoint: Path | None = None
         self._signal = 0
+        self.at_full_depth = True  # False while a progressive-depth schedule trains fewer layers
         t = cfg.train
         per_rank = t.batch_tokens // (backend.world_size * t.grad_accum_steps)
         if per_rank < t.seq_len or per_rank % t.seq_len:
