@@ -20,14 +20,32 @@ def linear(x: mx.array, w: mx.array) -> mx.array:
 
 
 def rotary(x: mx.array, spec: ModelSpec) -> mx.array:
-    # Half-split rotation by -angle, upstream train_gpt.py's convention: (x1 cos + x2 sin, -x1 sin + x2 cos).
-    # mx.fast.rope rotates by +angle, so negate the positions.
-    return mx.fast.rope(x, spec.head_dim, traditional=False, base=spec.rope_base, scale=-1.0, offset=0)
+    # Half-split rotation by -angle, upstream train_gpt.py's convention: (x1 cos + x2 sin, -x1 sin + x2 cos),
+    # of the first spec.rope_width dims (the rest pass through). mx.fast.rope rotates by +angle, so negate
+    # the positions.
+    base = spec.rope_base_at(x.shape[-2])
+    return mx.fast.rope(x, spec.rope_width, traditional=False, base=base, scale=-1.0, offset=0)
 
 
-def attention(spec: ModelSpec, p: dict, prefix: str, x: mx.array) -> mx.array:
+def xsa(y: mx.array, v: mx.array) -> mx.array:
+    """Remove from each head's output (batch, heads, seq, hd) its projection on the normalised value vector
+    of its kv head (batch, kv_heads, seq, hd) at the same position (core.spec.ModelSpec's variant notes)."""
+    batch, heads, seq, hd = y.shape
+    kv_heads = v.shape[1]
+    y = y.reshape(batch, kv_heads, heads // kv_heads, seq, hd)
+    norm = mx.sqrt(mx.sum(v * v, axis=-1, keepdims=True))
+    vn = (v / mx.maximum(norm, 1e-12))[:, :, None]
+    y = y - mx.sum(y * vn, axis=-1, keepdims=True) * vn
+    return y.reshape(batch, heads, seq, hd)
+
+
+def attention(spec: ModelSpec, p: dict, prefix: str, x: mx.array, use_xsa: bool = False) -> mx.array:
     batch, seq, _ = x.shape
-    q = linear(x, p[prefix + "c_q.weight"]).reshape(batch, seq, spec.num_heads, spec.head_dim)
+    if spec.q_rank:
+        q = linear(linear(x, p[prefix + "c_q_down.weight"]), p[prefix + "c_q_up.weight"])
+    else:
+        q = linear(x, p[prefix + "c_q.weight"])
+    q = q.reshape(batch, seq, spec.num_heads, spec.head_dim)
     k = linear(x, p[prefix + "c_k.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
     v = linear(x, p[prefix + "c_v.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (batch, heads, seq, head_dim)
@@ -35,6 +53,8 @@ def attention(spec: ModelSpec, p: dict, prefix: str, x: mx.array) -> mx.array:
     k = rotary(rms_norm(k, spec.norm_eps), spec)
     q = q * p[prefix + "q_gain"].astype(q.dtype)[None, :, None, None]
     y = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.head_dim**-0.5, mask="causal")
+    if use_xsa:
+        y = xsa(y, v)
     y = y.transpose(0, 2, 1, 3).reshape(batch, seq, spec.model_dim)
     return linear(y, p[prefix + "proj.weight"])
 
@@ -56,16 +76,18 @@ def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: in
         mix = p[prefix + "resid_mix"].astype(x.dtype)
         attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
-    x = x + attn_scale.astype(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
+    use_xsa = layer is not None and spec.uses_xsa(layer)
+    x = x + attn_scale.astype(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps), use_xsa)
     x = x + mlp_scale.astype(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps), spec.mlp_activation)
     return x
 
 
 def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, dtype,
-               prev_out: dict | None = None) -> mx.array:
+               prev_out: dict | None = None, ve: list | None = None) -> mx.array:
     """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
     switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller.
-    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated."""
+    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated;
+    `ve` holds the value-embedding lookups of the batch (value_embeds, from `input_features`)."""
     if spec.loop_embeds and layer in spec.loop_starts:
         x = x + p["loop_embeds"][spec.loop_index[layer]].astype(dtype)
     h_in = x
@@ -73,6 +95,8 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, 
         h_in = p["layer_in_gains"][layer].astype(dtype) * h_in
     if spec.iter_embeds:
         h_in = h_in + p["iter_embeds"][layer].astype(dtype)
+    for e in range(spec.value_embeds):
+        h_in = h_in + p["value_scales"][layer, e].astype(dtype) * ve[e]
     b, r = spec.layer_plan[layer], spec.loop_index[layer]
     if spec.cross_repeat_skips and r > 0:
         h_in = h_in + p["cross_repeat_scales"][b, r - 1].astype(dtype) * prev_out[b]
@@ -91,18 +115,44 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, 
     return x
 
 
+def bigram_hash(spec: ModelSpec, tokens: mx.array) -> mx.array:
+    """#1110's XOR bucket of (previous, current) token, in int64 (upstream's int32 gives the same buckets for
+    ids below 59,139); position 0, with no previous token, gets the last bucket."""
+    t = tokens.astype(mx.int64)
+    mod = spec.bigram_buckets - 1
+    h = mx.remainder(mx.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]), mod)
+    return mx.concatenate([mx.full((t.shape[0], 1), mod, mx.int64), h], axis=1)
+
+
+def input_features(spec: ModelSpec, p: dict, tokens: mx.array, dtype) -> tuple[mx.array, list]:
+    """(x0, value-embedding lookups): the normed embedding with the input variants the spec switches on
+    (BigramHash before the norm, SmearGate after it; core.spec.ModelSpec's variant notes)."""
+    x = p["tok_emb.weight"][tokens]
+    if spec.bigram_buckets:
+        h = p["bigram.embed.weight"][bigram_hash(spec, tokens)]
+        if spec.bigram_dim != spec.model_dim:
+            h = linear(h, p["bigram.proj.weight"])
+        x = x + p["bigram.scale"] * h
+    x = rms_norm(x, spec.norm_eps).astype(dtype)
+    if spec.smear_gate:
+        prev = mx.concatenate([mx.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+        x = x + p["smear.gate"].astype(dtype) * (prev - x)
+    ve = [p[f"value_embeds.{e}.weight"][tokens].astype(dtype) for e in range(spec.value_embeds)]
+    return x, ve
+
+
 def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32,
                   collect: list | None = None) -> mx.array:
     """Final-normed hidden states (batch, seq, dim). U-Net skips (if spec.unet_skips) run over effective layers.
     `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
-    x = rms_norm(p["tok_emb.weight"][tokens], spec.norm_eps).astype(dtype)
+    x, ve = input_features(spec, p, tokens, dtype)
     x0 = x
     skips, prev_out = [], {}
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].astype(dtype)
             x = x + skip_w * skips.pop()
-        x = layer_step(spec, p, layer, x, x0, dtype, prev_out)
+        x = layer_step(spec, p, layer, x, x0, dtype, prev_out, ve)
         if collect is not None:
             collect.append(x)
         if layer < spec.num_encoder_layers:

@@ -21,20 +21,39 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def rotary(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    # Half-split rotation by -angle, upstream train_gpt.py's convention: (x1 cos + x2 sin, -x1 sin + x2 cos).
+    # Half-split rotation by -angle, upstream train_gpt.py's convention: (x1 cos + x2 sin, -x1 sin + x2 cos),
+    # of the first spec.rope_width dims (the rest pass through).
     # Angles are computed in float32 and cast to the compute dtype, as upstream's Rotary cache.
-    half = spec.head_dim // 2
-    dims = torch.arange(0, spec.head_dim, 2, dtype=torch.float32, device=x.device)
-    inv_freq = 1.0 / spec.rope_base ** (dims / spec.head_dim)
+    rd = spec.rope_width
+    half = rd // 2
+    dims = torch.arange(0, rd, 2, dtype=torch.float32, device=x.device)
+    inv_freq = 1.0 / spec.rope_base_at(x.size(-2)) ** (dims / rd)
     angles = torch.outer(torch.arange(x.size(-2), dtype=torch.float32, device=x.device), inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1)
+    x1, x2, rest = x[..., :half], x[..., half:rd], x[..., rd:]
+    rotated = (x1 * cos + x2 * sin, -x1 * sin + x2 * cos)
+    return torch.cat(rotated + (rest,) if rd < spec.head_dim else rotated, dim=-1)
 
 
-def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Remove from each head's output (batch, heads, seq, hd) its projection on the normalised value vector
+    of its kv head (batch, kv_heads, seq, hd) at the same position (core.spec.ModelSpec's variant notes)."""
+    batch, heads, seq, hd = y.shape
+    kv_heads = v.size(1)
+    y = y.reshape(batch, kv_heads, heads // kv_heads, seq, hd)
+    norm = torch.sqrt(torch.sum(v * v, dim=-1, keepdim=True))
+    vn = (v / torch.clamp_min(norm, 1e-12))[:, :, None]
+    y = y - torch.sum(y * vn, dim=-1, keepdim=True) * vn
+    return y.reshape(batch, heads, seq, hd)
+
+
+def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor, use_xsa: bool = False) -> torch.Tensor:
     batch, seq, _ = x.shape
-    q = linear(x, p[prefix + "c_q.weight"]).reshape(batch, seq, spec.num_heads, spec.head_dim)
+    if spec.q_rank:
+        q = linear(linear(x, p[prefix + "c_q_down.weight"]), p[prefix + "c_q_up.weight"])
+    else:
+        q = linear(x, p[prefix + "c_q.weight"])
+    q = q.reshape(batch, seq, spec.num_heads, spec.head_dim)
     k = linear(x, p[prefix + "c_k.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
     v = linear(x, p[prefix + "c_v.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
@@ -43,6 +62,8 @@ def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor) -> torch.T
     q = q * p[prefix + "q_gain"].to(q.dtype)[None, :, None, None]
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.head_dim**-0.5,
                                        enable_gqa=spec.num_kv_heads < spec.num_heads)
+    if use_xsa:
+        y = xsa(y, v)
     y = y.transpose(1, 2).reshape(batch, seq, spec.model_dim)
     return linear(y, p[prefix + "proj.weight"])
 
@@ -64,16 +85,18 @@ def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, l
         mix = p[prefix + "resid_mix"].to(x.dtype)
         attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
-    x = x + attn_scale.to(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps))
+    use_xsa = layer is not None and spec.uses_xsa(layer)
+    x = x + attn_scale.to(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps), use_xsa)
     x = x + mlp_scale.to(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps), spec.mlp_activation)
     return x
 
 
 def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.Tensor, dtype,
-               prev_out: dict | None = None) -> torch.Tensor:
+               prev_out: dict | None = None, ve: list | None = None) -> torch.Tensor:
     """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
     switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller.
-    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated."""
+    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated;
+    `ve` holds the value-embedding lookups of the batch (value_embeds, from `input_features`)."""
     if spec.loop_embeds and layer in spec.loop_starts:
         x = x + p["loop_embeds"][spec.loop_index[layer]].to(dtype)
     h_in = x
@@ -81,6 +104,8 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.
         h_in = p["layer_in_gains"][layer].to(dtype) * h_in
     if spec.iter_embeds:
         h_in = h_in + p["iter_embeds"][layer].to(dtype)
+    for e in range(spec.value_embeds):
+        h_in = h_in + p["value_scales"][layer, e].to(dtype) * ve[e]
     b, r = spec.layer_plan[layer], spec.loop_index[layer]
     if spec.cross_repeat_skips and r > 0:
         h_in = h_in + p["cross_repeat_scales"][b, r - 1].to(dtype) * prev_out[b]
@@ -99,18 +124,44 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.
     return x
 
 
+def bigram_hash(spec: ModelSpec, tokens: torch.Tensor) -> torch.Tensor:
+    """#1110's XOR bucket of (previous, current) token, in int64 (upstream's int32 gives the same buckets for
+    ids below 59,139); position 0, with no previous token, gets the last bucket."""
+    t = tokens.to(torch.int64)
+    mod = spec.bigram_buckets - 1
+    h = torch.remainder(torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]), mod)
+    return torch.cat([torch.full_like(t[:, :1], mod), h], dim=1)
+
+
+def input_features(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype) -> tuple[torch.Tensor, list]:
+    """(x0, value-embedding lookups): the normed embedding with the input variants the spec switches on
+    (BigramHash before the norm, SmearGate after it; core.spec.ModelSpec's variant notes)."""
+    x = F.embedding(tokens, p["tok_emb.weight"])
+    if spec.bigram_buckets:
+        h = F.embedding(bigram_hash(spec, tokens), p["bigram.embed.weight"])
+        if spec.bigram_dim != spec.model_dim:
+            h = linear(h, p["bigram.proj.weight"])
+        x = x + p["bigram.scale"] * h
+    x = rms_norm(x, spec.norm_eps).to(dtype)
+    if spec.smear_gate:
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        x = x + p["smear.gate"].to(dtype) * (prev - x)
+    ve = [F.embedding(tokens, p[f"value_embeds.{e}.weight"]).to(dtype) for e in range(spec.value_embeds)]
+    return x, ve
+
+
 def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32,
                   collect: list | None = None) -> torch.Tensor:
     """Final-normed hidden states (batch, seq, dim). U-Net skips (if spec.unet_skips) run over effective layers.
     `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
-    x = rms_norm(F.embedding(tokens, p["tok_emb.weight"]), spec.norm_eps).to(dtype)
+    x, ve = input_features(spec, p, tokens, dtype)
     x0 = x
     skips, prev_out = [], {}
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].to(dtype)
             x = x + skip_w * skips.pop()
-        x = layer_step(spec, p, layer, x, x0, dtype, prev_out)
+        x = layer_step(spec, p, layer, x, x0, dtype, prev_out, ve)
         if collect is not None:
             collect.append(x)
         if layer < spec.num_encoder_layers:

@@ -16,8 +16,13 @@ counted 4 times, because it does the work 4 times):
       scores 2 d K          q . k over K keys, summed over heads (GQA shares k, not the products)
       values 2 d K          softmax(scores) @ v, the same size
     head     2 d V          the tied (or untied) LM head
+    inputs   2 b d          BigramHash's projection (b = bigram_dim; none when b = d or it is off)
 
-    forward = L x (layer) + head;   train = 3 x forward (backward = 2 x forward: the gradient with
+With q_rank = r (#167) the q term is the two factors, 2 d r + 2 r d. Partial RoPE, XSA (a projection per
+head, O(d) per token), SmearGate and the value embeddings (lookups and scaled adds) are elementwise and
+not counted, like the norms.
+
+    forward = L x (layer) + head + inputs;   train = 3 x forward (backward = 2 x forward: the gradient with
     respect to the input and with respect to the weight, each the size of the forward product).
 
 K, the keys a query attends to on average: CAUSAL (the default) counts only the unmasked half, the
@@ -54,6 +59,7 @@ class FlopCount:
     layers: int  # effective layers counted
     per_layer: dict  # term -> forward FLOPs per token in one effective layer
     head: int  # forward FLOPs per token of the LM head
+    inputs: int = 0  # forward FLOPs per token before the layers (BigramHash's projection)
 
     @property
     def layer(self) -> int:
@@ -62,7 +68,7 @@ class FlopCount:
     @property
     def linear(self) -> int:
         """Forward FLOPs/token of the weight matrix products (layers' linears and the head)."""
-        return self.layers * sum(self.per_layer[t] for t in LINEAR_TERMS) + self.head
+        return self.layers * sum(self.per_layer[t] for t in LINEAR_TERMS) + self.head + self.inputs
 
     @property
     def attention(self) -> int:
@@ -71,7 +77,7 @@ class FlopCount:
 
     @property
     def forward(self) -> int:
-        return self.layers * self.layer + self.head
+        return self.layers * self.layer + self.head + self.inputs
 
     @property
     def train(self) -> int:
@@ -79,7 +85,7 @@ class FlopCount:
 
     def to_dict(self) -> dict:
         return {"seq_len": self.seq_len, "causal": self.causal, "layers": self.layers,
-                "per_layer": dict(self.per_layer), "head": self.head, "linear": self.linear,
+                "per_layer": dict(self.per_layer), "head": self.head, "inputs": self.inputs, "linear": self.linear,
                 "attention": self.attention, "forward": self.forward, "train": self.train}
 
 
@@ -91,7 +97,7 @@ def flops_per_token(spec: ModelSpec, seq_len: int, causal: bool = True) -> FlopC
     # 2 d K per product with K = (T+1)/2 keys on average when causal: 2 d (T+1)/2 = d (T+1), exact.
     attn_product = d * (seq_len + 1) if causal else 2 * d * seq_len
     per_layer = {
-        "q": 2 * d * d,
+        "q": 4 * d * spec.q_rank if spec.q_rank else 2 * d * d,
         "k": 2 * d * kv,
         "v": 2 * d * kv,
         "o": 2 * d * d,
@@ -100,8 +106,9 @@ def flops_per_token(spec: ModelSpec, seq_len: int, causal: bool = True) -> FlopC
         "scores": attn_product,
         "values": attn_product,
     }
+    bigram_proj = spec.bigram_buckets and spec.bigram_dim != d
     return FlopCount(seq_len=seq_len, causal=causal, layers=spec.num_layers, per_layer=per_layer,
-                     head=2 * d * spec.vocab_size)
+                     head=2 * d * spec.vocab_size, inputs=2 * spec.bigram_dim * d if bigram_proj else 0)
 
 
 def six_n_per_token(spec: ModelSpec) -> int:

@@ -41,11 +41,26 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
     else:
         # Upstream leaves an untied embedding at nn.Embedding's default N(0, 1) and zero-inits the head.
         table.append(ParamInfo("tok_emb.weight", (v, d), "normal", EMBED, 1.0))
+    # Input variants (core.spec.ModelSpec's variant notes). BigramHash as #1110: the table starts at 0 (so
+    # the option starts as the identity), the projection at a Linear's default init, the scale at 0.05.
+    if spec.bigram_buckets:
+        table.append(ParamInfo("bigram.embed.weight", (spec.bigram_buckets, spec.bigram_dim), "zeros", EMBED))
+        if spec.bigram_dim != d:
+            table.append(ParamInfo("bigram.proj.weight", (d, spec.bigram_dim), "uniform_fan_in", MATRIX))
+        table.append(ParamInfo("bigram.scale", (1,), "const", SCALAR, 0.05))
+    if spec.smear_gate:
+        table.append(ParamInfo("smear.gate", (d,), "zeros", SCALAR))
+    for e in range(spec.value_embeds):  # #895: nn.Embedding's default N(0, 1), Adam's embedding group
+        table.append(ParamInfo(f"value_embeds.{e}.weight", (v, d), "normal", EMBED, 1.0))
     L, R = spec.num_layers, spec.num_loops
     for b in range(spec.num_blocks):
         p = f"blocks.{b}."
-        block = [
-            ParamInfo(p + "attn.c_q.weight", (d, d), "uniform_fan_in", MATRIX, block=b),
+        if spec.q_rank:  # #167's Q_RANK: Wq = c_q_up @ c_q_down, both at PyTorch's default Linear init
+            q = [ParamInfo(p + "attn.c_q_down.weight", (spec.q_rank, d), "uniform_fan_in", MATRIX, block=b),
+                 ParamInfo(p + "attn.c_q_up.weight", (d, spec.q_rank), "uniform_fan_in", MATRIX, block=b)]
+        else:
+            q = [ParamInfo(p + "attn.c_q.weight", (d, d), "uniform_fan_in", MATRIX, block=b)]
+        block = q + [
             ParamInfo(p + "attn.c_k.weight", (spec.kv_dim, d), "uniform_fan_in", MATRIX, block=b),
             ParamInfo(p + "attn.c_v.weight", (spec.kv_dim, d), "uniform_fan_in", MATRIX, block=b),
             ParamInfo(p + "attn.proj.weight", (d, d), "zeros", MATRIX, block=b),
@@ -63,6 +78,8 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
     # group; core.quant keeps them fp32 in the artifact (CONTROL_NAME_PATTERNS).
     if spec.iter_embeds:
         table.append(ParamInfo("iter_embeds", (L, d), "zeros", SCALAR))
+    if spec.value_embeds:
+        table.append(ParamInfo("value_scales", (L, spec.value_embeds, d), "zeros", SCALAR))
     if spec.loop_embeds:
         table.append(ParamInfo("loop_embeds", (R, d), "zeros", SCALAR))
     if spec.per_layer_scales:

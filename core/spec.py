@@ -55,6 +55,15 @@ class ModelSpec:
     cross_repeat_skips: bool = False  # cross_repeat_scales (num_blocks, num_loops-1, d), init 0 (#895)
     mlp_activation: str = "relu2"  # "relu2": relu(h)^2 (upstream); "leaky_relu2": leaky_relu(h, 0.5)^2 (#895, #1110)
     mlp_hidden: int = 0  # MLP hidden size; 0 means mlp_mult * model_dim (#1110, #167)
+    # Attention and input variants (issue 5, item 5; all off by default, see `variant notes` below).
+    q_rank: int = 0  # attn.c_q_down (r, d) then attn.c_q_up (d, r) in place of attn.c_q (#167); 0: full c_q
+    rope_dims: int = 0  # rotate only the first rope_dims dims of each head (#1110: 16 of 64); 0: all
+    rope_train_seq_len: int = 0  # NTK: at seq T > this, base * (T/this)^(rd/(rd-2)) (#1110: 1024); 0: off
+    xsa_last_n: int = 0  # XSA on the last N effective layers (#895: 4; #1110: all); more than L means all
+    bigram_buckets: int = 0  # BigramHash XOR table rows (#1110: 2048, #167: 4096); 0: off
+    bigram_dim: int = 128  # BigramHash table width; projected to model_dim unless equal to it
+    smear_gate: bool = False  # SmearGate after the embedding norm (#1110, #167), gate (d,) init 0
+    value_embeds: int = 0  # extra (vocab, d) tables mixed into the residual per layer (#895: 2)
 
     def __post_init__(self):
         object.__setattr__(self, "layer_plan", tuple(int(i) for i in self.layer_plan))
@@ -105,6 +114,23 @@ class ModelSpec:
                 " (set model.loop_gates = true)"
             )
 
+        for name in ("q_rank", "rope_dims", "rope_train_seq_len", "xsa_last_n", "bigram_buckets", "value_embeds"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name} = {getattr(self, name)}: expected 0 (off) or a positive integer")
+        if self.rope_dims and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
+            raise UserError(
+                f"model.rope_dims = {self.rope_dims}: expected an even number of dims, at most head_dim ="
+                f" {self.head_dim} (0 rotates all)"
+            )
+        if self.rope_train_seq_len and self.rope_width <= 2:
+            raise UserError(
+                f"model.rope_train_seq_len needs more than 2 rotated dims (the NTK exponent is rd/(rd-2));"
+                f" model.rope_dims = {self.rope_dims}"
+            )
+        if self.bigram_buckets == 1:
+            raise UserError("model.bigram_buckets = 1: expected 0 (off) or at least 2 (hashes go mod buckets-1)")
+        if self.bigram_dim < 1:
+            raise UserError(f"model.bigram_dim = {self.bigram_dim}: expected a positive integer")
         if self.cross_repeat_skips and self.num_loops < 2:
             raise UserError(
                 "model.cross_repeat_skips = true needs a plan that runs some block more than once"
@@ -126,6 +152,24 @@ class ModelSpec:
         return self.mlp_hidden or self.mlp_mult * self.model_dim
 
     @property
+    def rope_width(self) -> int:
+        """How many leading dims of each head RoPE rotates: model.rope_dims, or all of head_dim."""
+        return self.rope_dims or self.head_dim
+
+    def rope_base_at(self, seq_len: int) -> float:
+        """RoPE's base at sequence length `seq_len`: rope_base, NTK-rescaled by (T/T_train)^(rd/(rd-2)) when
+        rope_train_seq_len is set and T is longer than it (#1110's Rotary, in training and eval alike)."""
+        if self.rope_train_seq_len and seq_len > self.rope_train_seq_len:
+            rd = self.rope_width
+            return self.rope_base * (seq_len / self.rope_train_seq_len) ** (rd / (rd - 2))
+        return self.rope_base
+
+    def uses_xsa(self, layer: int) -> bool:
+        """XSA at effective layer `layer`: the last xsa_last_n layers of this plan (a truncated plan, as in
+        progressive depth, moves them with its end, as #895's `l >= R*3 - XSA_LAST_N`)."""
+        return layer >= self.num_layers - self.xsa_last_n
+
+    @property
     def num_encoder_layers(self) -> int:
         """U-Net: the first L//2 effective layers push skips, the rest pop them (none without unet_skips)."""
         return self.num_layers // 2 if self.unet_skips else 0
@@ -142,6 +186,7 @@ class ModelSpec:
     #   h_in = x
     #   layer_gains:              h_in = layer_in_gains[l] * h_in                  (#1110 hc_alpha)
     #   iter_embeds:              h_in = h_in + iter_embeds[l]                     (#1110, #167, #895)
+    #   value_embeds:             h_in = h_in + sum_e value_scales[l, e] * ve_e   (#895; ve_e = value_embeds.e[ids])
     #   cross_repeat_skips, r>0:  h_in = h_in + cross_repeat_scales[b, r-1] * prev_out[b]   (#895)
     #   out = Block_b(h_in, x0) with, if per_layer_scales, layer_attn_scales[l], layer_mlp_scales[l] and
     #         layer_resid_mixes[l] in place of the block's own (which then do not exist; #470, #167)
@@ -157,6 +202,23 @@ class ModelSpec:
     # iteration embedding (#895's loop_embed), right before the block; with layer_gains off it stays in x.
     # Entries (b, r-1) for a use r the plan never reaches stay 0 and get no gradient. Inside the block the
     # MLP is proj(act(fc(h))) with act relu(h)^2 or, for mlp_activation = "leaky_relu2", leaky_relu(h, 0.5)^2.
+    #
+    # Variant notes (item 5). Input side, before the layers:
+    #   x = tok_emb[ids]
+    #   bigram_buckets:  x = x + bigram.scale * bigram.proj(bigram.embed[hash(ids)])   (#1110, #167; table init 0)
+    #                    hash = (36313 t XOR 27191 t_prev) mod (buckets - 1), position 0 -> buckets - 1
+    #   x = rms_norm(x)
+    #   smear_gate:      x = x + smear.gate * (x_prev - x)      (x_prev: the previous position's, 0 at position 0)
+    #   x0 = x
+    # The seeds' SmearGate mixes with sigmoid(gate), 0.5 at their init 0; here the gate is the mixing weight
+    # itself, so 0 is the identity and switching the option on leaves the step-0 output (REFERENCE.md #1110).
+    # value_embeds, at every effective layer right after the iteration embedding (#895's order):
+    #                    h_in = h_in + sum_e value_scales[l, e] * value_embeds.e[ids]  (tables N(0, 1), scales 0)
+    # Inside attention: q_rank replaces c_q by c_q_up(c_q_down(h)); RoPE rotates the first rope_width dims of
+    # each head (half-split within them) with base rope_base_at(T); XSA (uses_xsa(l)) subtracts from each
+    # head's output y its projection onto that position's normalised value vector v (GQA: the head's kv
+    # group): y = y - (y . v/|v|) v/|v|, |v| floored at 1e-12 as F.normalize. These three change the
+    # function by design, so they are not identity at init.
     #
     # With layer_gains off the iteration embedding stays in the residual stream (#167, #895); with it on
     # only the block's change is added back, as #1110. The loop gate runs after EVERY loop, the first
@@ -254,6 +316,11 @@ class ModelSpec:
             + (f"mlp {self.mlp_hidden}" if self.mlp_hidden else f"mlp {self.mlp_mult}x")
             + ("" if self.mlp_activation == "relu2" else f" {self.mlp_activation}")
             + f", vocab {self.vocab_size}"
+            + "".join(f", {label}" for on, label in (
+                (self.q_rank, f"q rank {self.q_rank}"), (self.rope_dims, f"rope {self.rope_dims}/{self.head_dim}"),
+                (self.xsa_last_n, f"xsa last {min(self.xsa_last_n, self.num_layers)}"),
+                (self.bigram_buckets, f"bigram {self.bigram_buckets}x{self.bigram_dim}"),
+                (self.smear_gate, "smear"), (self.value_embeds, f"{self.value_embeds} value embeds")) if on)
         )
 
 

@@ -26,19 +26,26 @@ def reference_logits(spec, w, tokens):
     def rms(x):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps)
 
-    def rope(x):  # x: (B, H, T, hd); upstream's rotation by -angle
+    def rope(x):  # x: (B, H, T, hd); upstream's rotation by -angle of the first rd dims (#1110's partial RoPE)
         t = x.shape[2]
-        hd = spec.head_dim
-        inv = 1.0 / spec.rope_base ** (np.arange(0, hd, 2) / hd)
+        rd = spec.rope_dims or spec.head_dim
+        base = spec.rope_base
+        if spec.rope_train_seq_len and t > spec.rope_train_seq_len:  # #1110's NTK rescale
+            base = base * (t / spec.rope_train_seq_len) ** (rd / (rd - 2))
+        inv = 1.0 / base ** (np.arange(0, rd, 2) / rd)
         ang = np.arange(t)[:, None] * inv[None]
         c, s = np.cos(ang), np.sin(ang)
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
-        return np.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], -1)
+        x1, x2 = x[..., : rd // 2], x[..., rd // 2 : rd]
+        return np.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c, x[..., rd:]], -1)
 
-    def attn(p, x):
+    def attn(p, x, use_xsa=False):
         b, t, d = x.shape
         h, kvh, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q = (x @ w[p + "c_q.weight"].T).reshape(b, t, h, hd).transpose(0, 2, 1, 3)
+        if spec.q_rank:
+            q = x @ w[p + "c_q_down.weight"].T @ w[p + "c_q_up.weight"].T
+        else:
+            q = x @ w[p + "c_q.weight"].T
+        q = q.reshape(b, t, h, hd).transpose(0, 2, 1, 3)
         k = (x @ w[p + "c_k.weight"].T).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
         v = (x @ w[p + "c_v.weight"].T).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
         q, k = rope(rms(q)), rope(rms(k))
@@ -48,6 +55,9 @@ def reference_logits(spec, w, tokens):
         s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))
         y = (s / s.sum(-1, keepdims=True)) @ v
+        if use_xsa:  # each head's output minus its projection on its own (repeated) value vector, per position
+            vn = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+            y = y - (y * vn).sum(-1, keepdims=True) * vn
         return y.transpose(0, 2, 1, 3).reshape(b, t, d) @ w[p + "proj.weight"].T
 
     def mlp(p, x):
@@ -59,7 +69,20 @@ def reference_logits(spec, w, tokens):
     # loop of a layer is how often its block ran before it; a loop starts or ends where that changes.
     plan = list(spec.layer_plan)
     loop = [plan[:i].count(b) for i, b in enumerate(plan)]
-    x = rms(w["tok_emb.weight"][tokens])
+    x = w["tok_emb.weight"][tokens]
+    if spec.bigram_buckets:  # #1110's XOR hash, written out per position
+        m = spec.bigram_buckets - 1
+        ids = [[m] + [(36313 * int(row[i]) ^ 27191 * int(row[i - 1])) % m for i in range(1, len(row))]
+               for row in tokens]
+        hb = w["bigram.embed.weight"][np.array(ids)]
+        if spec.bigram_dim != spec.model_dim:
+            hb = hb @ w["bigram.proj.weight"].T
+        x = x + w["bigram.scale"] * hb
+    x = rms(x)
+    if spec.smear_gate:
+        shifted = np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        x = x + w["smear.gate"] * (shifted - x)
+    ve = [w[f"value_embeds.{e}.weight"][tokens] for e in range(spec.value_embeds)]
     x0, skips, prev = x, [], {}
     enc = spec.num_layers // 2 if spec.unet_skips else 0
     for layer, blk in enumerate(plan):
@@ -71,6 +94,8 @@ def reference_logits(spec, w, tokens):
         h = w["layer_in_gains"][layer] * x if spec.layer_gains else x
         if spec.iter_embeds:
             h = h + w["iter_embeds"][layer]
+        for e, table in enumerate(ve):
+            h = h + w["value_scales"][layer, e] * table
         if spec.cross_repeat_skips and loop[layer] > 0:
             h = h + w["cross_repeat_scales"][blk, loop[layer] - 1] * prev[blk]
         if spec.per_layer_scales:
@@ -78,7 +103,7 @@ def reference_logits(spec, w, tokens):
         else:
             mix, a, m = w[p + "resid_mix"], w[p + "attn_scale"], w[p + "mlp_scale"]
         u = mix[0] * h + mix[1] * x0
-        u = u + a * attn(p + "attn.", rms(u))
+        u = u + a * attn(p + "attn.", rms(u), layer >= len(plan) - spec.xsa_last_n)
         u = u + m * mlp(p + "mlp.", rms(u))
         if spec.iter_scales:
             u = h + (u - h) * w["iter_scales"][layer]
