@@ -6,9 +6,12 @@ import mlx.core as mx
 import numpy as np
 
 from core.config import OptimConfig, TrainConfig
+from core.depth import truncated_spec
 from core.spec import ModelSpec
-from backend_mlx.model import mean_loss, token_losses
+from backend_mlx.model import logits, mean_loss, token_losses
 from backend_mlx.optim import init_state, make_update
+from backend_mlx.qat import fake_quant
+from core.fakequant import fake_quant_plan
 
 
 def resolve_dtype(name: str):
@@ -29,9 +32,19 @@ class MLXTrainer:
         self.device = f"{'metal' if mx.metal.is_available() else 'cpu'} ({str(self.dtype).split('.')[-1]})"
         self.params = {k: mx.array(v, dtype=mx.float32) for k, v in weights.items()}
         self.state = init_state(spec, self.params)
-        dtype = self.dtype
-        update = make_update(spec, optim)
-        loss_and_grad = mx.value_and_grad(lambda p, x, y: mean_loss(spec, p, x, y, dtype))
+        self._update_fn = make_update(spec, optim)
+        self._update = mx.compile(self._update_fn)
+        self._qat = None  # (plan, noise) while QAT is on: see set_qat
+        self._average = None  # the EMA, on the device: see average_update
+        self._depth_variants: dict[int, tuple] = {}  # layers -> (fused, grad, loss_sum), compiled per depth
+        self.set_depth(spec.num_layers)
+
+    def _build_steps(self, spec: ModelSpec) -> tuple:
+        dtype, update = self.dtype, self._update_fn
+        qat = self._qat  # QAT transforms the params before the model sees them (backend_mlx/qat.py)
+        train_view = (lambda p: fake_quant(p, qat[0], noise=qat[1])) if qat else (lambda p: p)
+        eval_view = (lambda p: fake_quant(p, qat[0])) if qat else (lambda p: p)
+        loss_and_grad = mx.value_and_grad(lambda p, x, y: mean_loss(spec, train_view(p), x, y, dtype))
 
         def fused_step(params, state, x, y, lr_scale, momentum):
             loss, grads = loss_and_grad(params, x, y)
@@ -40,10 +53,56 @@ class MLXTrainer:
 
         # One compiled step when a step is one micro-batch; otherwise compiled gradients per micro-batch
         # (forced at each boundary so memory stays bounded on small Macs) and a compiled update.
-        self._fused = mx.compile(fused_step)
-        self._grad = mx.compile(loss_and_grad)
-        self._update = mx.compile(update)
-        self._loss_sum = mx.compile(lambda p, x, y: token_losses(spec, p, x, y, dtype).sum())
+        # Noisy QAT draws random numbers inside the compiled step: MLX needs the generator state passed along.
+        random = {"inputs": mx.random.state, "outputs": mx.random.state} if qat and qat[1] else {}
+        return (mx.compile(fused_step, **random), mx.compile(loss_and_grad, **random),
+                mx.compile(lambda p, x, y: token_losses(spec, eval_view(p), x, y, dtype).sum()))
+
+    def set_depth(self, layers: int) -> None:
+        """Train and evaluate the first `layers` effective layers (core.depth.truncated_spec) over the same
+        weights and optimizer state (a tensor the depth never reads gets a zero gradient)."""
+        key = (layers, self._qat and id(self._qat))  # one compiled set per depth and QAT setting
+        if key not in self._depth_variants:
+            self._depth_variants[key] = self._build_steps(truncated_spec(self.spec, layers))
+        self._fused, self._grad, self._loss_sum = self._depth_variants[key]
+        self.layers = layers
+
+    def set_qat(self, scheme: str | None, noise: bool = False) -> None:
+        """Train and evaluate through straight-through fake quantization for `scheme` (None: off). Each
+        setting compiles once and is kept, so a late switch costs one extra compile, not one per step."""
+        key = (scheme, noise)
+        plans = vars(self).setdefault("_qat_settings", {})
+        if scheme is not None and key not in plans:
+            shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+            plans[key] = (fake_quant_plan(shapes, scheme), noise)
+        self._qat = plans[key] if scheme is not None else None
+        self.set_depth(self.layers)
+
+    # ---- weight averaging (core.averaging) -----------------------------------------------------------
+
+    def average_update(self, decay: float) -> None:
+        """One EMA step, e <- decay * e + (1 - decay) * w, on the device: it runs after every step, and a
+        copy of every weight to the host per step would cost more than the update itself."""
+        if self._average is None:
+            self.set_average(None)
+        d = mx.array(decay, mx.float32)
+        self._average = self._ema_step(self._average, self.params, d)
+        mx.eval(self._average)
+
+    @staticmethod
+    @mx.compile
+    def _ema_step(avg, params, d):
+        return {k: avg[k] * d + params[k] * (1 - d) for k in avg}
+
+    def set_average(self, weights: dict[str, np.ndarray] | None) -> None:
+        """Start the EMA at `weights` (a checkpoint's), or at the current weights when None."""
+        if weights is None:
+            self._average = dict(self.params)  # MLX arrays are immutable: references are a copy
+        else:
+            self._average = {k: mx.array(np.asarray(weights[k], dtype=np.float32)) for k in self.params}
+
+    def get_average(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in self._average.items()}
 
     def train_step(self, micro_batches, lr_scale: float, momentum: float) -> float:
         lr, mom = mx.array(lr_scale, mx.float32), mx.array(momentum, mx.float32)
@@ -66,6 +125,34 @@ class MLXTrainer:
 
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(self._loss_sum(self.params, mx.array(x), mx.array(y)).item())
+
+    def _eval_fn(self, kind: str, make):
+        """An eval function for the active depth, built (and compiled) on first use."""
+        cache, layers = vars(self).setdefault("_eval_fns", {}), getattr(self, "layers", self.spec.num_layers)
+        if (kind, layers) not in cache:
+            cache[kind, layers] = make(truncated_spec(self.spec, layers), self.dtype)
+        return cache[kind, layers]
+
+    def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per-token cross-entropy in nats, float32 (batch, seq): the sliding-window eval's input."""
+        def make(spec, dtype):
+            return mx.compile(lambda p, x, y: token_losses(spec, p, x, y, dtype))
+
+        fn = self._eval_fn("token_losses", make)
+        return np.array(fn(self.params, mx.array(x), mx.array(y)), dtype=np.float32)
+
+    def eval_log_probs(self, x: np.ndarray) -> np.ndarray:
+        """Log-softmax of the soft-capped logits, float32 (batch, seq, vocab): the neural expert's full
+        distribution (for checks; the Hedge eval needs only the targets' losses)."""
+        def make(spec, dtype):
+            def log_probs(p, x):
+                z = logits(spec, p, x, dtype)
+                return z - mx.logsumexp(z, axis=-1, keepdims=True)
+
+            return log_probs
+
+        fn = self._eval_fn("log_probs", make)
+        return np.array(fn(self.params, mx.array(x)), dtype=np.float32)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in self.params.items()}
@@ -96,6 +183,12 @@ class MLXTrainer:
 
     def restore(self, snap) -> None:
         self.params, self.state = snap
+
+    def hessians(self, batches) -> dict[str, np.ndarray]:
+        """{matrix name: H = sum x^T x (float64)} of each linear's inputs over `batches` (core.gptq)."""
+        from backend_mlx.hessian import collect_hessians
+
+        return collect_hessians(self.spec, self.params, batches, self.dtype)
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         return values

@@ -15,9 +15,12 @@ import torch
 import torch.distributed as tdist
 
 from backend_torch import dist
-from backend_torch.model import mean_loss, token_losses
+from backend_torch.model import logits, mean_loss, token_losses
 from backend_torch.optim import init_state, make_update, muon_owners
+from backend_torch.qat import fake_quant
+from core.fakequant import fake_quant_plan
 from core.config import OptimConfig, TrainConfig
+from core.depth import truncated_spec
 from core.params import param_table
 from core.spec import ModelSpec
 
@@ -91,19 +94,78 @@ class TorchTrainer:
         self._owners = muon_owners(spec, self.world_size)
         self._update = make_update(spec, optim, self.rank, self.world_size,
                                    ns_dtype=torch.bfloat16 if cuda else torch.float32, compile=cuda)
-        dtype = self.dtype
-
-        def loss_fn(p, x, y):
-            return mean_loss(spec, p, x, y, dtype)
-
-        def loss_sum_fn(p, x, y):
-            return token_losses(spec, p, x, y, dtype).sum()
-
-        compile_fn = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if cuda else (lambda f: f)
-        self._loss = compile_fn(loss_fn)
-        self._loss_sum = compile_fn(loss_sum_fn)
+        self._compile = cuda
+        self._qat = None  # (plan, noise) while QAT is on: see set_qat
+        self._average = None  # the EMA, on the device: see average_update
+        self._depth_variants: dict[int, tuple] = {}  # layers -> (loss, loss_sum), one compiled pair per depth
+        self.set_depth(spec.num_layers)
         self._lr = torch.zeros((), dtype=torch.float32, device=self.torch_device)
         self._momentum = torch.zeros((), dtype=torch.float32, device=self.torch_device)
+
+    def _build_losses(self, spec: ModelSpec) -> tuple:
+        dtype = self.dtype
+        qat = self._qat  # QAT transforms the params before the model sees them (backend_torch/qat.py)
+        train_view = (lambda p: fake_quant(p, qat[0], noise=qat[1])) if qat else (lambda p: p)
+        eval_view = (lambda p: fake_quant(p, qat[0])) if qat else (lambda p: p)
+
+        def loss_fn(p, x, y):
+            return mean_loss(spec, train_view(p), x, y, dtype)
+
+        def loss_sum_fn(p, x, y):
+            return token_losses(spec, eval_view(p), x, y, dtype).sum()
+
+        if not self._compile:
+            return loss_fn, loss_sum_fn
+        # Each depth is its own graph of the same functions: let dynamo keep them all (no recompiles).
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 + len(self._depth_variants)))
+        compile_fn = lambda f: torch.compile(f, fullgraph=True, dynamic=False)  # noqa: E731
+        return compile_fn(loss_fn), compile_fn(loss_sum_fn)
+
+    def set_depth(self, layers: int) -> None:
+        """Train and evaluate the first `layers` effective layers (core.depth.truncated_spec) over the same
+        weights and optimizer state; each depth's compiled graphs are kept, so switching back costs nothing."""
+        key = (layers, self._qat and id(self._qat))  # one compiled pair per depth and QAT setting
+        if key not in self._depth_variants:
+            self._depth_variants[key] = self._build_losses(truncated_spec(self.spec, layers))
+        self._loss, self._loss_sum = self._depth_variants[key]
+        self.layers = layers
+
+    def set_qat(self, scheme: str | None, noise: bool = False) -> None:
+        """Train and evaluate through straight-through fake quantization for `scheme` (None: off). Each
+        setting compiles once and is kept, so a late switch costs one extra compile, not one per step."""
+        key = (scheme, noise)
+        plans = vars(self).setdefault("_qat_settings", {})
+        if scheme is not None and key not in plans:
+            shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+            plans[key] = (fake_quant_plan(shapes, scheme), noise)
+        self._qat = plans[key] if scheme is not None else None
+        self.set_depth(self.layers)
+
+    # ---- weight averaging (core.averaging) -----------------------------------------------------------
+
+    @torch.no_grad()
+    def average_update(self, decay: float) -> None:
+        """One EMA step, e <- decay * e + (1 - decay) * w, on the device: it runs after every step, and a
+        copy of every weight to the host per step would cost more than the update itself. Every rank holds
+        the same weights, so every rank keeps the same average."""
+        if self._average is None:
+            self.set_average(None)
+        avg = list(self._average.values())
+        torch._foreach_mul_(avg, decay)
+        torch._foreach_add_(avg, [self.params[k] for k in self._average], alpha=1.0 - decay)
+
+    @torch.no_grad()
+    def set_average(self, weights: dict[str, np.ndarray] | None) -> None:
+        """Start the EMA at `weights` (a checkpoint's), or at the current weights when None."""
+        if weights is None:
+            self._average = {k: p.detach().clone() for k, p in self.params.items()}
+        else:
+            self._average = {k: torch.tensor(np.asarray(weights[k], dtype=np.float32), device=self.torch_device)
+                             for k in self.params}
+
+    def get_average(self) -> dict[str, np.ndarray]:
+        return {k: v.to("cpu", torch.float32).numpy().copy() for k, v in self._average.items()}
 
     def train_step(self, micro_batches, lr_scale: float, momentum: float) -> float:
         total = sum(x.size for x, _ in micro_batches)
@@ -116,7 +178,8 @@ class TorchTrainer:
                 loss = self._loss(self.params, _to_device(x, self.torch_device), _to_device(y, self.torch_device))
             (loss * w).backward()
             loss_sum += loss.detach() * w
-        grads = {k: p.grad for k, p in self.params.items()}
+        # A tensor the active depth never reads (e.g. cross_repeat_scales at one loop) gets no grad: zero.
+        grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in self.params.items()}
         dist.all_reduce_grads([*grads.values(), loss_sum])  # the mean over ranks, the loss with them
         self._lr.fill_(lr_scale)
         self._momentum.fill_(momentum)
@@ -128,6 +191,36 @@ class TorchTrainer:
         x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)
         with self._autocast():
             return float(self._loss_sum(self.params, x, y).item())
+
+    def _eval_fn(self, kind: str, make):
+        """An eval function for the active depth, built (and compiled) on first use."""
+        cache, layers = vars(self).setdefault("_eval_fns", {}), getattr(self, "layers", self.spec.num_layers)
+        if (kind, layers) not in cache:
+            cache[kind, layers] = make(truncated_spec(self.spec, layers), self.dtype)
+        return cache[kind, layers]
+
+    @torch.no_grad()
+    def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per-token cross-entropy in nats, float32 (batch, seq): the sliding-window eval's input."""
+        def make(spec, dtype):
+            fn = lambda p, x, y: token_losses(spec, p, x, y, dtype)  # noqa: E731
+            return torch.compile(fn, fullgraph=True, dynamic=False) if self.torch_device.type == "cuda" else fn
+
+        fn = self._eval_fn("token_losses", make)
+        x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)
+        with self._autocast():
+            return fn(self.params, x, y).float().cpu().numpy()
+
+    @torch.no_grad()
+    def eval_log_probs(self, x: np.ndarray) -> np.ndarray:
+        """Log-softmax of the soft-capped logits, float32 (batch, seq, vocab): the neural expert's full
+        distribution (for checks; the Hedge eval needs only the targets' losses)."""
+        def make(spec, dtype):
+            return lambda p, x: torch.log_softmax(logits(spec, p, x, dtype), dim=-1)
+
+        fn = self._eval_fn("log_probs", make)
+        with self._autocast():
+            return fn(self.params, _to_device(x, self.torch_device)).float().cpu().numpy()
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.params.items()}
@@ -176,6 +269,14 @@ class TorchTrainer:
         params, state = snap
         _copy_into(self.params, params)  # in place: compiled graphs keep their inputs
         _copy_into(self.state, state)
+
+    def hessians(self, batches) -> dict[str, np.ndarray]:
+        """{matrix name: H = sum x^T x (float64)} of each linear's inputs over `batches` (core.gptq), summed
+        over ranks: a collective, every rank calls it with its own slice of the batches."""
+        from backend_torch.hessian import collect_hessians
+
+        local = collect_hessians(self.spec, self.params, batches, self.dtype, self._autocast)
+        return {name: self.all_reduce_sum(h) for name, h in local.items()}
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         return dist.all_reduce_sum(values, self.torch_device)

@@ -155,6 +155,7 @@ class ArtifactInfo:
     level: int
     scheme: str
     tensors: tuple[TensorInfo, ...]
+    gptq: dict | None = None  # the header's "gptq" record (core.gptq), None for an artifact without GPTQ
 
     @property
     def codec_label(self) -> str:
@@ -200,7 +201,10 @@ def _encode_payload(spec_json: dict, qw: QuantizedWeights) -> tuple[bytes, int]:
         entry = {"role": t.role, **place(name, t.data)}
         entry["scale"] = None if t.scale is None else place(name, t.scale)
         entries[name] = entry
-    header = canonical_json({"data_nbytes": cursor, "scheme": qw.scheme, "spec": spec_json, "tensors": entries})
+    header = {"data_nbytes": cursor, "scheme": qw.scheme, "spec": spec_json, "tensors": entries}
+    if qw.gptq is not None:  # only then: artifacts without GPTQ keep their bytes
+        header["gptq"] = qw.gptq
+    header = canonical_json(header)
     return struct.pack("<Q", len(header)) + header + b"".join(chunks), len(header)
 
 
@@ -220,7 +224,7 @@ def encode_artifact(spec_json: dict, qw: QuantizedWeights, codec: str = "zlib",
     label = f"{codec}-{level}".encode("ascii")
     blob = _PREFIX.pack(MAGIC, FORMAT_VERSION, label, len(payload), digest) + c.compress(payload, level)
     info = ArtifactInfo(len(blob), len(payload), header_len, digest.hex(), codec, level, qw.scheme,
-                        tuple(_tensor_info(n, t) for n, t in sorted(qw.tensors.items())))
+                        tuple(_tensor_info(n, t) for n, t in sorted(qw.tensors.items())), qw.gptq)
     return blob, info
 
 
@@ -232,6 +236,14 @@ def payload_bytes(spec_json: dict, weights: Mapping[str, np.ndarray], scheme: st
 def build_artifact(spec_json: dict, weights: Mapping[str, np.ndarray], scheme: str = "int8",
                    codec: str = "zlib", level: int | None = None) -> bytes:
     return encode_artifact(spec_json, quantize_weights(weights, scheme), codec, level)[0]
+
+
+def write_quantized(path: str | os.PathLike, spec_json: dict, qw: QuantizedWeights, codec: str = "zlib",
+                    level: int | None = None) -> ArtifactInfo:
+    """Write already-quantized weights (e.g. core.gptq's) as an artifact file."""
+    blob, info = encode_artifact(spec_json, qw, codec, level)
+    atomic_write_bytes(path, blob)
+    return info
 
 
 def write_artifact(path: str | os.PathLike, spec_json: dict, weights: Mapping[str, np.ndarray],
@@ -338,7 +350,8 @@ def _parse_payload(payload: bytes) -> tuple[dict, QuantizedWeights, int]:
         raise _Malformed(f"the header is not valid JSON ({e})") from None
     if canonical != raw_header:
         raise _Malformed("the header JSON is not in canonical form")
-    header = _expect_keys(header, {"data_nbytes", "scheme", "spec", "tensors"}, "the header")
+    keys = {"data_nbytes", "scheme", "spec", "tensors"} | ({"gptq"} & set(header) if isinstance(header, dict) else set())
+    header = _expect_keys(header, keys, "the header")
     if not isinstance(header["spec"], dict):
         raise _Malformed("the header's spec should be a JSON object")
     if not isinstance(header["tensors"], dict):
@@ -369,7 +382,13 @@ def _parse_payload(payload: bytes) -> tuple[dict, QuantizedWeights, int]:
         tensors[name] = t
     if cursor != len(data):
         raise _Malformed(f"{len(data) - cursor} data bytes belong to no tensor")
-    return header["spec"], QuantizedWeights(scheme.name, tensors), header_len
+    gptq = header.get("gptq")
+    if gptq is not None:
+        listed = gptq.get("tensors") if isinstance(gptq, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(n, str) and n in tensors and
+                                                   tensors[n].role == ROLE_QUANTIZED for n in listed):
+            raise _Malformed("the header's gptq record should list quantized tensors of this file")
+    return header["spec"], QuantizedWeights(scheme.name, tensors, gptq), header_len
 
 
 def parse_artifact(data: bytes, source: str = "<bytes>") -> tuple[dict, QuantizedWeights, ArtifactInfo]:
@@ -380,7 +399,7 @@ def parse_artifact(data: bytes, source: str = "<bytes>") -> tuple[dict, Quantize
     except _Malformed as e:
         raise UserError(f"artifact {source}: {e}") from None
     info = ArtifactInfo(len(data), len(payload), header_len, digest, codec, level, qw.scheme,
-                        tuple(_tensor_info(n, t) for n, t in qw.tensors.items()))
+                        tuple(_tensor_info(n, t) for n, t in qw.tensors.items()), qw.gptq)
     return spec, qw, info
 
 
@@ -442,6 +461,8 @@ def size_report(info: ArtifactInfo, code_bytes: int) -> str:
     lines += [
         f"payload (header {info.header_bytes:,} B + data), uncompressed: {info.payload_bytes:,} B",
         f"artifact ({info.scheme}, {info.codec_label}): {info.total_bytes:,} B",
+        *([f"GPTQ: {len(info.gptq['tensors'])} tensors, damp {info.gptq.get('damp')}, block {info.gptq.get('block')}"]
+          if info.gptq else []),
         f"code: {code_bytes:,} B",
         f"total: {total:,} B of {CHALLENGE_LIMIT:,}  {verdict}",
     ]

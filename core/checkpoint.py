@@ -3,6 +3,8 @@
 RUN_DIR/checkpoints/step_NNNNNN/ holds
   weights.safetensors    the weights, a loopgolf weight file (the spec in its metadata; usable with --init)
   optimizer.safetensors  flat float32 optimizer state: muon.<param>, adam_m.<param>, adam_v.<param>, adam.step
+  average.safetensors    only with [average]: the weight-averaging state (core.averaging), tensors named
+                         average.<param>; its kind and count are checkpoint.json's "average"
   checkpoint.json        step, training time, schedule state, data position, resolved config, spec, version,
                          and each tensor file's size and SHA-256
 
@@ -39,6 +41,7 @@ VERSION = 1
 DIR_NAME = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+AVERAGE_FILE = "average.safetensors"
 META_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"step_(\d{6,})")
 _MAX_META_BYTES = 16 << 20
@@ -67,6 +70,7 @@ class Checkpoint:
     meta: dict
     weights: dict[str, np.ndarray]
     optimizer: dict[str, np.ndarray]
+    average: tuple[dict[str, np.ndarray], dict] | None = None  # (tensors, meta["average"]) with [average]
 
     @property
     def step(self) -> int:
@@ -79,6 +83,11 @@ class Checkpoint:
     @property
     def stop_after(self) -> int | None:
         return self.meta["schedule"].get("stop_after")
+
+    @property
+    def layers(self) -> int:
+        """The active depth when it was written (progressive depth; full depth when absent)."""
+        return self.meta["schedule"].get("layers") or len(self.meta["spec"]["layer_plan"])
 
     @property
     def position(self) -> tuple[int, int]:
@@ -189,24 +198,31 @@ def nonfinite(*trees: dict[str, np.ndarray]) -> list[str]:
 
 
 def write_checkpoint(root: str | os.PathLike, step: int, spec: ModelSpec, weights: dict[str, np.ndarray],
-                     optimizer: dict[str, np.ndarray], meta: dict, keep: int = 2) -> Path:
-    """Write root/step_NNNNNN atomically and keep the newest `keep` (0: all). Returns its path."""
+                     optimizer: dict[str, np.ndarray], meta: dict, keep: int = 2,
+                     average: tuple[dict[str, np.ndarray], dict] | None = None) -> Path:
+    """Write root/step_NNNNNN atomically and keep the newest `keep` (0: all). Returns its path.
+    `average`: the weight-averaging state (tensors, JSON record) from core.averaging, if any."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     _sweep(root)
     wbytes, obytes = encode_state(spec, weights, optimizer)
+    blobs = {WEIGHTS_FILE: wbytes, OPTIMIZER_FILE: obytes}
+    if average is not None:
+        from safetensors.numpy import save
+
+        blobs[AVERAGE_FILE] = save({k: np.ascontiguousarray(v) for k, v in sorted(average[0].items())})
+        meta = {**meta, "average": average[1]}
     record = {
         "format": FORMAT, "version": VERSION, "loopgolf_version": version(), "step": step,
         **meta, "spec": spec.to_dict(),
-        "files": {name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-                  for name, b in ((WEIGHTS_FILE, wbytes), (OPTIMIZER_FILE, obytes))},
+        "files": {name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for name, b in blobs.items()},
     }
     text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
-        _write_synced(tmp / WEIGHTS_FILE, wbytes)
-        _write_synced(tmp / OPTIMIZER_FILE, obytes)
+        for name, b in blobs.items():
+            _write_synced(tmp / name, b)
         _write_synced(tmp / META_FILE, text.encode())
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
         _fsync_dir(tmp)
@@ -280,6 +296,10 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
           f"'step' {meta['step']} lies beyond train.iterations = {iterations!r}")
     _need(sched.get("stop_after") is None or sched["stop_after"] <= meta["step"], path,
           "'schedule.stop_after' lies ahead of 'step'")
+    plan = meta["spec"].get("layer_plan")
+    _need(isinstance(plan, list) and (sched.get("layers") is None or _is_int(sched["layers"], 1)
+                                      and sched["layers"] <= len(plan)), path,
+          "'schedule.layers' should be null or an integer from 1 to the plan's length")
     _need(data["file_index"] < len(shards) and data["pos"] <= shards[data["file_index"]][1], path,
           f"data position {data['file_index']}:{data['pos']} lies outside its train shards")
     files = meta.get("files")
@@ -343,7 +363,38 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, spec: ModelSpec) -> Checkpoint:
     bad = nonfinite(weights)
     _need(not bad, ckpt_dir / WEIGHTS_FILE, f"non-finite values in {', '.join(bad[:5])}")
     optimizer = read_optimizer(ckpt_dir / OPTIMIZER_FILE, spec)
-    return Checkpoint(ckpt_dir, meta, weights, optimizer)
+    return Checkpoint(ckpt_dir, meta, weights, optimizer, read_average(ckpt_dir, meta, weights))
+
+
+def read_average(ckpt_dir: Path, meta: dict, weights: dict[str, np.ndarray]):
+    """(tensors, record) of the averaging state, or None when the checkpoint has none; the tensors must
+    be exactly average.<param> for every weight, with its shape, and finite."""
+    record = meta.get("average")
+    if record is None:
+        return None
+    path = ckpt_dir / AVERAGE_FILE
+    _need(isinstance(record, dict) and record.get("kind") in ("ema", "swa") and _is_int(record.get("count")), path,
+          "checkpoint.json's 'average' should hold a kind ('ema' or 'swa') and an integer count")
+    _need(record["kind"] != "swa" or isinstance(record.get("last_snapshot"), int), path,
+          "checkpoint.json's SWA 'average' should hold an integer last_snapshot")
+    files = meta["files"].get(AVERAGE_FILE)
+    _need(isinstance(files, dict) and _is_int(files.get("bytes")) and isinstance(files.get("sha256"), str),
+          ckpt_dir / META_FILE, f"'files' should give bytes and sha256 of {AVERAGE_FILE}")
+    _check_file(path, files)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(path.read_bytes())
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint file {path}: not a readable safetensors file ({e})") from None
+    expected = {} if record["kind"] == "swa" and record["count"] == 0 else {f"average.{k}": v.shape
+                                                                             for k, v in weights.items()}
+    _need(set(tensors) == set(expected) and all(tensors[k].shape == s for k, s in expected.items()), path,
+          "the averaging tensors do not match the weights (names average.<param>, same shapes)")
+    bad = nonfinite(tensors)
+    _need(not bad, path, f"non-finite values in {', '.join(bad[:5])}")
+    return tensors, record
 
 
 def _default(section: str, key: str):
@@ -410,7 +461,8 @@ def checkpoint_meta(train_time_ms: float, stop_after: int | None, position: tupl
         "train_time_ms": train_time_ms,
         "schedule": {"stop_after": stop_after, **schedule},
         # Nothing random is drawn after initialization (init_weights(seed); no dropout; the data order is
-        # fixed), so there is no RNG state to save.
+        # fixed), so there is no RNG state to save. The exception, artifact.qat_noise, draws its noise from
+        # the backend's generator, which is not saved: such a run resumes, but not bit for bit.
         "rng": None,
         "data": {"file_index": position[0], "pos": position[1], "train_shards": shards},
         "config": config_record(cfg),

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.depth import SCHEDULE_BY, parse_stages
 from core.errors import UserError
 from core.spec import ModelSpec
 from core.tables import dataclass_from_table
@@ -40,6 +41,10 @@ class TrainConfig:
     compute_dtype: str = "auto"  # "auto" (bf16 on GPU/Metal, fp32 on CPU), "float32", "bfloat16"
     checkpoint_every: int = 0  # >0: write RUN_DIR/checkpoints/step_N every N steps (0: only on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
+    # Progressive depth (core.depth): "f:r,..." trains r loops of a "KxR" plan while the fraction is below f,
+    # e.g. "0.3:2,0.5:3,0.75:4,1.0:5" (#895); "" trains at full depth throughout.
+    depth_schedule: str = ""
+    depth_schedule_by: str = "wallclock"  # fraction of max_wallclock_seconds ("wallclock") or of iterations ("step")
 
     def __post_init__(self):
         for key in ("iterations", "batch_tokens", "seq_len", "grad_accum_steps", "val_batch_tokens"):
@@ -53,6 +58,10 @@ class TrainConfig:
             raise UserError(f"train.max_wallclock_seconds = {self.max_wallclock_seconds}: expected 0 or more")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"train.compute_dtype = {self.compute_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
+        if self.depth_schedule_by not in SCHEDULE_BY:
+            raise UserError(f"train.depth_schedule_by = {self.depth_schedule_by!r}: expected 'wallclock' or 'step'")
+        if self.depth_schedule:
+            parse_stages(self.depth_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +108,30 @@ class ArtifactConfig:
         pass through under every scheme (fp16; control tensors fp32).
     codec, level: "zlib" (default level 9), "zstd" (22, single-threaded) or "lzma" (9); no level means the
         codec's default. The artifact records the codec with its level and the scheme with its rules.
+    gptq: full Hessian GPTQ (core/gptq.py, #1110) for the tensors an intN per-row scheme quantizes (int4..int7,
+        int8_search), with Hessians collected on `gptq_batches` fresh training batches (never validation
+        data); upstream int8 and fp16 tensors are stored as without it. gptq_damp: damping, a fraction of the
+        Hessian's mean diagonal; gptq_block: columns per lazy batch update. The header records the settings.
+    qat: quantization-aware training against this scheme (rules included): "off", "start" (from step 0)
+        or "late" (from the first step whose LR scale is below qat_lr_threshold, as #1110 at 0.15). The
+        trained forward then uses the weights as the artifact will hold them (straight-through gradient;
+        round to nearest: GPTQ's solve needs Hessians, so with gptq QAT fakes the plain rounding), and
+        validation scores that forward.
+    qat_noise: #363's noisy QAT: while QAT is on, training adds uniform noise of +/- half a step (row
+        absmax / qmax) to each quantized tensor instead of rounding it; validation still rounds.
     """
 
     scheme: str = "int8"
     codec: str = "zlib"
     level: int | None = None
     rules: list[str] = ()
+    gptq: bool = False
+    gptq_batches: int = 16  # batches of train.batch_tokens (#1110 used 256 of its own)
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    qat: str = "off"
+    qat_lr_threshold: float = 0.15
+    qat_noise: bool = False
 
     def __post_init__(self):
         from core.artifact import CODECS
@@ -120,6 +147,21 @@ class ArtifactConfig:
             raise UserError(f"artifact.level = {self.level}: codec {self.codec} takes "
                             f"{c.levels.start}..{c.levels.stop - 1}")
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.qat not in ("off", "start", "late"):
+            raise UserError(f"artifact.qat = {self.qat!r}: expected 'off', 'start' or 'late'")
+        if not 0 < self.qat_lr_threshold <= 1:
+            raise UserError(f"artifact.qat_lr_threshold = {self.qat_lr_threshold}: expected a number in (0, 1]")
+        if self.gptq_batches < 1 or self.gptq_block < 1:
+            raise UserError(f"artifact.gptq_batches = {self.gptq_batches}, artifact.gptq_block = {self.gptq_block}: "
+                            "expected positive integers")
+        if not 0 <= self.gptq_damp < 1:
+            raise UserError(f"artifact.gptq_damp = {self.gptq_damp}: expected a fraction in [0, 1), e.g. 0.01")
+        if self.gptq:
+            from core.gptq import gptq_scheme_qmax
+
+            if all(gptq_scheme_qmax(s) is None for s in (self.scheme, *(r.split("=")[1].strip() for r in self.rules))):
+                raise UserError(f"artifact.gptq = true, but no scheme here is one GPTQ applies to (int4..int7, "
+                                f"int8_search): scheme = {self.scheme!r}, rules = {list(self.rules)}")
 
     @property
     def quant_scheme(self) -> str:
@@ -133,11 +175,11 @@ class ArtifactConfig:
 class EvalConfig:
     """[eval]: how the final model is scored beyond upstream's standard non-overlapping eval."""
 
-    stride: int = 0  # >0: also run sliding-window eval with this stride (tokens scored per window)
-    seq_len: int = 0  # window length of the sliding eval; 0: train.seq_len
+    stride: int = 0  # >0: also run sliding-window eval with this stride (tokens scored per window, <= seq_len)
+    seq_len: int = 0  # window length of the sliding eval (may differ from training's); 0: train.seq_len
     batch_seqs: int = 32  # windows per forward batch
     hedge: bool = False  # also report the Hedge mixer's bpb (#895, without its entropy expert), never instead
-    hedge_eta: float = 0.1
+    hedge_eta: float = 0.1  # the Hedge rule's learning rate (#895)
 
     def __post_init__(self):
         for key in ("stride", "seq_len"):
@@ -147,6 +189,9 @@ class EvalConfig:
             raise UserError(f"eval.batch_seqs = {self.batch_seqs}: expected a positive integer")
         if self.hedge_eta <= 0:
             raise UserError(f"eval.hedge_eta = {self.hedge_eta}: expected a positive number")
+        if self.hedge and self.stride <= 0:
+            raise UserError("eval.hedge = true needs eval.stride > 0: the mixer runs over the sliding windows "
+                            "(eval.stride = eval.seq_len gives the standard non-overlapping ones)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +223,12 @@ class RunConfig:
     eval: EvalConfig = EvalConfig()
     average: AverageConfig = AverageConfig()
     source: str = ""
+
+    def __post_init__(self):
+        window = self.eval.seq_len or self.train.seq_len
+        if self.eval.stride > window:
+            raise UserError(f"eval.stride = {self.eval.stride} is longer than the sliding window (eval.seq_len, or "
+                            f"train.seq_len when 0: {window}); the targets between windows would go unscored")
 
     def to_toml(self) -> str:
         """The resolved config, written into every run directory."""
@@ -260,7 +311,11 @@ def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str =
         table[key] = value
     model = ModelSpec.from_table(raw.get("model", {}), where="model")
     sections = {name: dataclass_from_table(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items() if cls}
-    return RunConfig(model=model, source=source, **sections)
+    cfg = RunConfig(model=model, source=source, **sections)
+    from core.depth import depth_schedule  # core.depth reads RunConfig; checked here so every command sees it
+
+    depth_schedule(cfg)  # a schedule that doesn't fit the plan fails at load, before any run directory exists
+    return cfg
 
 
 # Built-in profiles: run settings for a machine, applied with --profile NAME even when the config has no
@@ -318,7 +373,14 @@ def shrink(raw: dict, vocab: bool = False) -> dict:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     model = raw.setdefault("model", {})
     heads = model.get("num_heads", ModelSpec.num_heads)
+    dim = model.get("model_dim", ModelSpec.model_dim)
     model["model_dim"] = heads * SMALL_HEAD_DIM
+    # Options sized by the width follow it: partial RoPE still rotates part of each (8-dim) head, low-rank
+    # Q keeps its rank/width ratio (values of the wrong type are left for the spec to report).
+    if type(model.get("rope_dims")) is int and model["rope_dims"] > 0:
+        model["rope_dims"] = SMALL_HEAD_DIM // 2
+    if type(model.get("q_rank")) is int and model["q_rank"] > 0 and type(dim) is int and dim > 0:
+        model["q_rank"] = max(1, model["q_rank"] * model["model_dim"] // dim)
     if vocab:
         model["vocab_size"] = SMALL_VOCAB
     train = raw.setdefault("train", {})
@@ -327,4 +389,9 @@ def shrink(raw: dict, vocab: bool = False) -> dict:
     train["seq_len"] = seq
     train["batch_tokens"] = 8 * seq * accum
     train["val_batch_tokens"] = 32 * seq
+    ev = raw.get("eval")
+    ints = isinstance(ev, dict) and all(type(ev.get(k, 0)) is int for k in ("seq_len", "stride"))
+    if ints and (ev.get("seq_len") or ev.get("stride")):  # sliding windows shrink with training's (bad values: later)
+        ev["seq_len"] = min(ev.get("seq_len") or seq, seq)
+        ev["stride"] = min(ev.get("stride", 0), ev["seq_len"])
     return raw

@@ -22,13 +22,17 @@ import numpy as np
 
 from core import artifact as artifact_io
 from core import checkpoint as ckpt_io
+from core import gptq
+from core.averaging import WeightAverager
 from core.bpb import ByteLuts, bpb_from_sums, count_bytes
 from core.config import RunConfig
+from core.depth import depth_schedule
 from core.params import count_params
 from core.runlog import RunLog
 from core.schedule import lr_multiplier, muon_momentum
 from core.shards import TokenStream, next_batch
 from core.size import code_bytes
+from core.sliding import final_sliding_eval
 from core.weights import save_weights
 
 
@@ -40,6 +44,7 @@ class Backend(Protocol):
 
     def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr_scale: float, momentum: float) -> float: ...
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float: ...
+    def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...  # (batch, seq) float32 nats
     def get_weights(self) -> dict[str, np.ndarray]: ...
     def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
     # (weights, optimizer) as numpy; the optimizer flat: muon.<p>, adam_m.<p>, adam_v.<p>, adam.step. On
@@ -49,7 +54,18 @@ class Backend(Protocol):
     def snapshot(self) -> object: ...
     def restore(self, snap: object) -> None: ...
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray: ...
+    # {matrix name: H = sum x^T x, float64} of each linear's inputs over these batches, summed over ranks and
+    # over every application of a shared block (core.gptq). A collective: every rank calls it.
+    def hessians(self, batches) -> dict[str, np.ndarray]: ...
     def all_reduce_max(self, value: float) -> float: ...
+    # Progressive depth: train and evaluate the first `layers` effective layers (core.depth.truncated_spec).
+    def set_depth(self, layers: int) -> None: ...
+    # QAT (artifact.qat): train and evaluate through fake quantization for a scheme; None switches it off.
+    def set_qat(self, scheme: str | None, noise: bool = False) -> None: ...
+    # EMA on the device (core.averaging): one step, start (None: the current weights), read.
+    def average_update(self, decay: float) -> None: ...
+    def set_average(self, weights: dict[str, np.ndarray] | None) -> None: ...
+    def get_average(self) -> dict[str, np.ndarray]: ...
 
 
 def evaluate(backend: Backend, val_tokens: np.ndarray, seq_len: int, batch_tokens: int, luts: ByteLuts) -> tuple[float, float]:
@@ -81,6 +97,10 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._signal = 0
         self.at_full_depth = True  # False while a progressive-depth schedule trains fewer layers
+        self.qat_on = False  # artifact.qat: the backend trains through fake quantization
+        self.averager: WeightAverager | None = None  # [average], made when training starts
+        self.depth_schedule = depth_schedule(cfg)  # core.depth; None: full depth throughout
+        self.layers = cfg.model.num_layers  # the backend's active depth
         t = cfg.train
         per_rank = t.batch_tokens // (backend.world_size * t.grad_accum_steps)
         if per_rank < t.seq_len or per_rank % t.seq_len:
@@ -109,7 +129,60 @@ class Trainer:
             self.backend.train_step(self._batches(stream), 1.0, muon_momentum(0, self.cfg.optim))
             if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
                 self.log.line(f"warmup_step:{i + 1}/{steps}")
+        if self.depth_schedule is not None:
+            # One step at every other depth of the schedule, so each variant is compiled before the clock runs.
+            for layers in sorted(set(self.depth_schedule.layer_counts) - {self.layers}):
+                self.backend.set_depth(layers)
+                self.backend.train_step(self._batches(stream), 1.0, muon_momentum(0, self.cfg.optim))
+                self.log.line(f"warmup_depth: layers:{layers}")
+            self.backend.set_depth(self.layers)
+        if self.cfg.artifact.qat == "late" and not self.qat_on:  # compile the QAT variant before the clock too
+            self._set_qat(True)
+            self.backend.train_step(self._batches(stream), 1.0, muon_momentum(0, self.cfg.optim))
+            self._set_qat(False)
+            self.log.line("warmup_qat: 1 step")
         self.backend.restore(snap)
+
+    # ---- QAT -------------------------------------------------------------------------------------------
+
+    def _set_qat(self, on: bool) -> None:
+        a = self.cfg.artifact
+        self.backend.set_qat(a.quant_scheme if on else None, a.qat_noise)
+        self.qat_on = on
+
+    def _start_qat(self, step: int, lr_scale: float) -> None:
+        """Switch QAT on from `step` (the first step trained with it), with a log line and a `qat` event."""
+        a = self.cfg.artifact
+        self._set_qat(True)
+        self.log.line(f"qat: on from step:{step} lr_scale:{lr_scale:.4f} scheme:{a.quant_scheme}"
+                      f"{' noise' if a.qat_noise else ''}")
+        self.log.event("qat", step=step, lr_scale=lr_scale, scheme=a.quant_scheme, noise=a.qat_noise)
+
+    # ---- progressive depth -----------------------------------------------------------------------------
+
+    def _set_layers(self, layers: int, step: int, why: str = "") -> None:
+        """Switch the backend's active depth, with a log line and a `depth` event in metrics.jsonl."""
+        if layers == self.layers:
+            return
+        self.backend.set_depth(layers)
+        self.layers = layers
+        self.at_full_depth = layers == self.cfg.model.num_layers
+        self.log.line(f"depth: step:{step} layers:{layers}/{self.cfg.model.num_layers}{why}")
+        self.log.event("depth", step=step, layers=layers)
+
+    def _follow_depth_schedule(self, step: int, elapsed_ms: float, last: bool) -> None:
+        """The scheduled depth before `step`; every rank switches at the same step (step-based: the step count
+        is the same everywhere; wallclock: the elapsed time is all-reduced with MAX, as #895)."""
+        t = self.cfg.train
+        if self.depth_schedule is None:
+            return
+        if last:  # the final evaluation and the export run at full depth
+            self._set_layers(self.cfg.model.num_layers, step, " (full depth for the final evaluation)")
+            return
+        if self.depth_schedule.by == "wallclock" and self.backend.world_size > 1:
+            elapsed_ms = self.backend.all_reduce_max(elapsed_ms)
+        fraction = self.depth_schedule.fraction(step, t.iterations, elapsed_ms, t.max_wallclock_seconds * 1000.0)
+        self._set_layers(self.depth_schedule.layers_at(fraction), step)
 
     # ---- signals and checkpoints -----------------------------------------------------------------------
 
@@ -167,10 +240,12 @@ class Trainer:
                         "muon_momentum": muon_momentum(step, cfg.optim),
                         "wallclock_based": cfg.train.warmdown_start_step <= 0 and cfg.train.max_wallclock_seconds > 0}
             shards = [[f.name, n] for f, n in zip(stream.files, stream.sizes)]
+            schedule["layers"] = self.layers  # the active depth (progressive depth)
             meta = ckpt_io.checkpoint_meta(train_ms, stop_after, stream.tell(), shards, cfg, b.name, b.world_size,
                                            schedule)
             path = ckpt_io.write_checkpoint(self.checkpoint_root, step, cfg.model, weights, optimizer, meta,
-                                            keep=cfg.train.keep_checkpoints)
+                                            keep=cfg.train.keep_checkpoints,
+                                            average=self.averager.state() if self.averager else None)
             ms = 1000 * (time.perf_counter() - t0)
             size = sum(f.stat().st_size for f in path.iterdir())
             self.log.line(f"checkpoint: step:{step} {path} bytes:{size} write_time:{ms:.0f}ms")
@@ -207,6 +282,8 @@ class Trainer:
         stream = TokenStream(self.train_files)
         cap_ms = t.max_wallclock_seconds * 1000.0 if t.max_wallclock_seconds > 0 else None
         train_ms, step, stop_after = 0.0, 0, None
+        if cfg.artifact.qat == "start":  # before the priming steps, which compile the QAT forward
+            self._start_qat(resume.step + 1 if resume else 1, 1.0)
         if resume is None:
             self.prime()
         else:
@@ -218,11 +295,15 @@ class Trainer:
             self.last_checkpoint = resume.path
             log.line(f"resume: step:{step}/{t.iterations} train_time:{train_ms:.0f}ms from {resume.path}")
             log.event("resume", step=step, train_time_ms=train_ms, checkpoint=str(resume.path))
+            if self.depth_schedule is not None:  # continue at the checkpoint's depth; the schedule moves it on
+                self._set_layers(resume.layers, step, " (from the checkpoint)")
+        self.averager = WeightAverager(cfg.average, b, resume.average if resume else None)
         val_loss = val_bpb = float("nan")
         progress = log.progress(t.iterations)
         t0 = time.perf_counter()
         while True:
             last = step == t.iterations or (stop_after is not None and step >= stop_after)
+            self._follow_depth_schedule(step, train_ms + 1000 * (time.perf_counter() - t0), last)
             if last or (t.val_every > 0 and step % t.val_every == 0):
                 train_ms += 1000 * (time.perf_counter() - t0)
                 val_loss, val_bpb = self._validate()
@@ -230,7 +311,8 @@ class Trainer:
                     f"step:{step}/{t.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
                 )
-                log.event("val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_ms)
+                log.event("val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_ms,
+                          **({"layers": self.layers} if self.depth_schedule is not None else {}))
                 t0 = time.perf_counter()  # validation time is not training time
             if last:
                 if stop_after is not None and step < t.iterations:
@@ -241,7 +323,10 @@ class Trainer:
                     raise ckpt_io.Interrupted(sig, step, self._checkpoint(step, train_ms, stream, stop_after))
                 break
             elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            loss = b.train_step(self._batches(stream), lr_multiplier(step, elapsed, t), muon_momentum(step, cfg.optim))
+            lr_scale = lr_multiplier(step, elapsed, t)
+            if cfg.artifact.qat == "late" and not self.qat_on and lr_scale < cfg.artifact.qat_lr_threshold:
+                self._start_qat(step + 1, lr_scale)  # #1110's late QAT
+            loss = b.train_step(self._batches(stream), lr_scale, muon_momentum(step, cfg.optim))
             if not math.isfinite(loss):
                 log.close_progress()
                 log.line(f"stopped: train_loss:{loss} at step:{step + 1}")
@@ -250,6 +335,7 @@ class Trainer:
                 raise FloatingPointError(
                     f"train_loss is {loss} at step {step + 1}, nothing exported. {self._nan_hint()}")
             step += 1
+            self.averager.after_step(step, lr_scale, self.at_full_depth)
             now_ms = train_ms + 1000 * (time.perf_counter() - t0)
             tok_s = step * t.batch_tokens / max(now_ms / 1000, 1e-9)
             progress.update(loss, tok_s)
@@ -274,26 +360,60 @@ class Trainer:
         return {"steps": step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time_ms": train_ms,
                 "tok_s": step * t.batch_tokens / max(train_ms / 1000, 1e-9)}
 
+    def _apply_average(self, result: dict) -> tuple[dict, dict]:
+        """Put the averaged weights ([average]) on the backend for the export and score them. Returns the
+        result with their val_loss/val_bpb and the final record's averaging fields (the score before too)."""
+        avg = self.averager
+        if avg is None or avg.kind is None:
+            return result, {"averaging": "none"}
+        weights = avg.finish(result["steps"])
+        self.backend.set_weights(weights)
+        val_loss, val_bpb = self._validate()
+        self.log.line(f"averaging: {avg.kind} count:{avg.count} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                      f"(before averaging val_bpb:{result['val_bpb']:.4f})")
+        fields = {"averaging": avg.kind, "average_count": avg.count, "val_loss_before_averaging": result["val_loss"],
+                  "val_bpb_before_averaging": result["val_bpb"]}
+        return {**result, "val_loss": val_loss, "val_bpb": val_bpb}, fields
+
     def export(self, out_dir: Path, result: dict) -> dict:
         """Save weights and the artifact, evaluate the dequantized round trip, write the final record."""
         cfg, b, log = self.cfg, self.backend, self.log
+        self._set_layers(cfg.model.num_layers, result.get("steps", 0), " (full depth for the export)")
+        result, averaging = self._apply_average(result)
         weights = b.get_weights()
         bad = ckpt_io.nonfinite(weights)
         if bad:
             raise FloatingPointError(f"non-finite weights ({', '.join(bad[:3])}); nothing exported. {self._nan_hint()}")
         art_path = out_dir / f"model.{cfg.artifact.scheme}-{cfg.artifact.codec}.art"
+        art = cfg.artifact
+        if art.gptq:  # every rank: the Hessians are summed across ranks
+            t0 = time.perf_counter()
+            hessians, record = gptq.collect_training_hessians(b, self.train_files, cfg.train, art.gptq_batches)
+            log.line(f"gptq: hessians:{len(hessians)} batches:{art.gptq_batches} "
+                     f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
         if b.rank == 0:
             save_weights(out_dir / "model.safetensors", cfg.model, weights)
-            artifact_io.write_artifact(art_path, cfg.model.to_dict(), weights, scheme=cfg.artifact.quant_scheme,
-                                       codec=cfg.artifact.codec, level=cfg.artifact.level)
+            if art.gptq:
+                t0 = time.perf_counter()
+                qw = gptq.quantize_weights_gptq(weights, art.quant_scheme, hessians, art.gptq_damp, art.gptq_block,
+                                                record)
+                artifact_io.write_quantized(art_path, cfg.model.to_dict(), qw, codec=art.codec, level=art.level)
+                log.line(f"gptq: tensors:{len(qw.gptq['tensors'])} damp:{art.gptq_damp} block:{art.gptq_block} "
+                         f"solve_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            else:
+                artifact_io.write_artifact(art_path, cfg.model.to_dict(), weights, scheme=art.quant_scheme,
+                                           codec=art.codec, level=art.level)
         b.all_reduce_max(0.0)  # barrier: the artifact exists before any rank reads it
         _, roundtrip_weights, info = artifact_io.read_artifact(art_path)
+        if self.qat_on:  # the round trip's weights are quantized already: evaluate them as they are
+            self._set_qat(False)
         b.set_weights(roundtrip_weights)
         t0 = time.perf_counter()
         rt_loss, rt_bpb = self._validate()
         label = f"final_{cfg.artifact.scheme}_{cfg.artifact.codec}_roundtrip"
         log.line(f"{label} val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         log.line(f"{label}_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
+        sliding = final_sliding_eval(b, self.val_tokens, cfg, self.luts, log, label)  # {} unless eval.stride > 0
         code = code_bytes(b.name)
         total = code + info.total_bytes
         tag = f"{cfg.artifact.scheme}+{cfg.artifact.codec}"
@@ -306,7 +426,7 @@ class Trainer:
                      roundtrip_val_bpb=rt_bpb, artifact_bytes=info.total_bytes, code_bytes=code,
                      total_bytes=total, params=unique, effective_params=effective, steps=result["steps"],
                      train_time_ms=result["train_time_ms"], tok_s=result["tok_s"], backend=b.name,
-                     world_size=b.world_size, artifact=art_path.name)
+                     world_size=b.world_size, artifact=art_path.name, qat=cfg.artifact.qat, **averaging, **sliding)
         log.event("final", **final)
         return final
 

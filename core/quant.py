@@ -53,6 +53,7 @@ CONTROL_NAME_PATTERNS = (
     # already match the patterns above). #319 kept its loop embeddings and gates fp32 the same way.
     "iter_embeds", "loop_embeds", "iter_scales", "layer_in_gains", "layer_out_gains", "loop_gates",
     "cross_repeat_scales",  # #895 (issue 5 item 4)
+    "value_scales", "smear", "bigram.scale",  # issue 5 item 5; #1110 kept smear and bigram.scale fp32 too
 )
 
 
@@ -84,6 +85,7 @@ class QuantizedTensor:
 class QuantizedWeights:
     scheme: str
     tensors: dict[str, QuantizedTensor]  # keyed by name, in sorted order
+    gptq: dict | None = None  # core.gptq's settings and tensors, recorded in the artifact header; None: no GPTQ
 
 
 class Scheme(Protocol):

@@ -26,6 +26,7 @@ COMMANDS = {
     "parity": ("tools.parity", "run_parity"),
     "convert": ("tools.convert", "run_convert"),
     "bench": ("tools.bench", "run_bench"),
+    "eval": ("tools.eval", "run_eval"),
 }
 
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_parity_parser(sub)
     add_quantize_parser(sub)
+    from tools.eval import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

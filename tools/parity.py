@@ -356,6 +356,36 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
         zm = mm.logits(spec, {k: M(v) for k, v in deq["mlx"].items()}, M(x), mdt)
         zt = tm.logits(spec, {k: T(v) for k, v in deq["torch"].items()}, T(x), tdt)
     rows.append(compare("dequantized logits", _np(zm), _np(zt), tolerance("dequant_logits", dtype)))
+    progress("fake quantization (QAT)")
+    rows += _fake_quant_rows(spec, scheme, weights, deq["mlx"], x, dtype, mdt, tdt)
+    return rows
+
+
+def _fake_quant_rows(spec: ModelSpec, scheme: str, weights: dict, deq: dict, x, dtype: str, mdt, tdt) -> list[Row]:
+    """QAT (artifact.qat): each backend's fake quantization equals the artifact's round trip bit for bit,
+    and the two fake-quantized forwards agree as the dequantized ones must."""
+    import mlx.core as mx
+    import torch
+
+    from backend_mlx import model as mm
+    from backend_mlx import qat as mq
+    from backend_torch import model as tm
+    from backend_torch import qat as tq
+    from core.fakequant import fake_quant_plan
+
+    plan = fake_quant_plan({k: v.shape for k, v in weights.items()}, scheme)
+    fm = mq.fake_quant({k: mx.array(v) for k, v in weights.items()}, plan)
+    ft = tq.fake_quant({k: torch.tensor(v) for k, v in weights.items()}, plan)
+    rows = []
+    for backend, got in (("mlx", {k: np.array(v) for k, v in fm.items()}),
+                         ("torch", {k: v.detach().numpy() for k, v in ft.items()})):
+        bad = [k for k in sorted(deq) if not np.array_equal(got[k], deq[k])]
+        note = f"{len(deq)} tensors" if not bad else f"{len(bad)} tensor(s) differ, first {bad[0]}"
+        rows.append(Row(f"fake-quant weights == round trip ({backend})", None, None, None, not bad, note))
+    with torch.no_grad():
+        zm = mm.logits(spec, fm, mx.array(np.asarray(x)), mdt)
+        zt = tm.logits(spec, ft, torch.tensor(np.asarray(x)), tdt)
+    rows.append(compare("fake-quant (QAT) logits", _np(zm), _np(zt), tolerance("dequant_logits", dtype)))
     return rows
 
 

@@ -1,11 +1,20 @@
-"""`loopgolf quantize WEIGHTS --scheme S --codec C --out ARTIFACT`: a weight file to an artifact, with its size."""
+"""`loopgolf quantize WEIGHTS --scheme S --codec C --out ARTIFACT`: a weight file to an artifact, with its size.
+
+--gptq: full Hessian GPTQ (core/gptq.py) with Hessians from training batches; --eval: the round-trip val_bpb
+of the artifact (--eval-weights: and of the weights before quantization). Both run the model, so they need the run's settings (train.seq_len,
+batch_tokens, val_batch_tokens, compute_dtype, data.path): from --config, by default the config.toml beside
+WEIGHTS in a run directory; --data overrides data.path.
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
-from core.artifact import CODECS, size_report, write_artifact
+from core.artifact import CODECS, read_artifact, size_report, write_artifact, write_quantized
 from core.errors import UserError
+from core.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, collect_training_hessians, quantize_weights_gptq
 from core.quant import SCHEMES, compose_scheme
 from core.size import code_bytes
 from core.weights import load_weights
@@ -20,15 +29,94 @@ def add_parser(sub) -> None:
                    help="per-tensor scheme by name, first match wins (repeatable), e.g. --rule '*.mlp.*=int5'")
     p.add_argument("--codec", default="zlib", help=f"compression ({', '.join(sorted(CODECS))}; default zlib)")
     p.add_argument("--level", type=int, help="codec level (default: zlib 9, zstd 22, lzma 9)")
-    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="whose code bytes to count")
+    p.add_argument("--backend", default="torch", choices=["torch", "mlx"],
+                   help="whose code bytes to count, and which runs the model for --gptq and --eval")
+    p.add_argument("--gptq", action="store_true",
+                   help="full Hessian GPTQ for the tensors an intN per-row scheme quantizes (int4..int7, int8_search)")
+    p.add_argument("--batches", type=int, help="--gptq: training batches to collect Hessians on "
+                   "(default: the config's artifact.gptq_batches)")
+    p.add_argument("--damp", type=float, default=DEFAULT_DAMP, help=f"--gptq damping (default {DEFAULT_DAMP})")
+    p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help=f"--gptq columns per block (default {DEFAULT_BLOCK})")
+    p.add_argument("--eval", action="store_true", help="evaluate the val_bpb of the artifact's round trip")
+    p.add_argument("--eval-weights", action="store_true", help="with --eval: also the weights' val_bpb before quantizing")
+    p.add_argument("--config", help="run config for --gptq/--eval (default: config.toml beside WEIGHTS)")
+    p.add_argument("--data", help="data root or dataset directory for --gptq/--eval (default: the config's data.path)")
+
+
+def _run_config(args):
+    from core.config import load_config
+
+    path = Path(args.config) if args.config else Path(args.weights).parent / "config.toml"
+    if not path.is_file():
+        what = f"--config {path}" if args.config else f"{path} (no --config given)"
+        raise UserError(f"{what}: not found; --gptq and --eval take train.seq_len and the batch sizes from a "
+                        "run config: pass --config CONFIG.toml")
+    return load_config(path, [f'data.path="{args.data}"'] if args.data else [])
+
+
+class _Model:
+    """The backend and data that --gptq and --eval run the model with."""
+
+    def __init__(self, args, spec, weights):
+        from core.bpb import build_byte_luts, check_vocab
+        from core.manifest import resolve_data
+        from core.shards import load_val_tokens
+        from core.tokenizer import load_tokenizer
+        from tools.backends import build_backend, resolve_backend
+
+        self.cfg = cfg = _run_config(args)
+        self.data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
+        self.backend = build_backend(resolve_backend(args.backend), spec, weights, cfg.train, cfg.optim)
+        if args.eval:
+            sp = load_tokenizer(self.data.tokenizer_path)
+            check_vocab(sp, spec.vocab_size, self.data.tokenizer_path)
+            self.luts = build_byte_luts(sp, spec.vocab_size)
+            self.val_tokens = load_val_tokens(self.data.val_files, cfg.train.seq_len)
+            if cfg.train.val_max_tokens:  # as the run evaluated (tools/train.py)
+                keep = (min(cfg.train.val_max_tokens, len(self.val_tokens) - 1) // cfg.train.seq_len) * cfg.train.seq_len
+                self.val_tokens = self.val_tokens[: keep + 1]
+
+    def val_bpb(self, weights) -> float:
+        from core.loop import evaluate
+
+        t = self.cfg.train
+        self.backend.set_weights(weights)
+        return evaluate(self.backend, self.val_tokens, t.seq_len, t.val_batch_tokens, self.luts)[1]
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     if args.codec not in CODECS:
         raise UserError(f"--codec {args.codec!r}: expected one of {', '.join(sorted(CODECS))}")
+    if args.batches is not None and args.batches < 1 or args.block < 1 or not 0 <= args.damp < 1:
+        raise UserError(f"--batches {args.batches}, --block {args.block}, --damp {args.damp}: expected positive "
+                        "batches and block, and damp in [0, 1)")
     scheme = compose_scheme(args.scheme, args.rule)
     spec, weights = load_weights(args.weights)
-    info = write_artifact(args.out, spec.to_dict(), weights, scheme=scheme, codec=args.codec, level=args.level)
+    model = _Model(args, spec, weights) if args.gptq or args.eval else None
+    if args.gptq:
+        batches = args.batches or model.cfg.artifact.gptq_batches
+        t0 = time.perf_counter()
+        hessians, record = collect_training_hessians(model.backend, model.data.train_files, model.cfg.train, batches)
+        t1 = time.perf_counter()
+        qw = quantize_weights_gptq(weights, scheme, hessians, args.damp, args.block, record)
+        if not qw.gptq["tensors"]:
+            raise UserError(f"--gptq: no tensor of {args.weights} is quantized by an intN per-row scheme "
+                            f"(int4..int7, int8_search) under {scheme!r}")
+        info = write_quantized(args.out, spec.to_dict(), qw, codec=args.codec, level=args.level)
+        print(f"gptq: {len(qw.gptq['tensors'])} tensors, Hessians from {batches} training batches "
+              f"({record['calibration']['tokens']:,} tokens) in {t1 - t0:.1f}s, solved in {time.perf_counter() - t1:.1f}s")
+    else:
+        info = write_artifact(args.out, spec.to_dict(), weights, scheme=scheme, codec=args.codec, level=args.level)
     print(f"wrote {args.out}: {info.total_bytes:,} bytes ({scheme}, {info.codec_label})")
     print(size_report(info, code_bytes(args.backend)))
+    if args.eval:
+        after = model.val_bpb(read_artifact(args.out)[1])
+        line = f"val_bpb: artifact round trip {after:.4f}"
+        if args.eval_weights:
+            before = model.val_bpb(weights)
+            line += f", weights before quantization {before:.4f} (round trip {after - before:+.4f})"
+        print(line)
+        print(f"row: scheme={scheme} codec={info.codec_label} gptq={'yes' if args.gptq else 'no'} "
+              f"bytes={info.total_bytes} roundtrip_val_bpb={after:.4f}"
+              + (f" weights_val_bpb={before:.4f}" if args.eval_weights else ""))
     return 0
