@@ -67,3 +67,11 @@ def softcap_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap
     shape = h.shape[:-1]
     out = _SoftcapCrossEntropy.apply(h.reshape(-1, h.size(-1)), w, y.reshape(-1).long(), float(cap), int(chunk))
     return out.reshape(shape)
+
+
+def fused_token_losses(spec, p: dict, x: torch.Tensor, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """model.token_losses with the head, softcap and cross-entropy fused: per-token nats, float32 (batch, seq)."""
+    from backend_torch.model import hidden_states
+
+    head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
+    return softcap_cross_entropy(hidden_states(spec, p, x, dtype), head, y, spec.logit_softcap)

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as tdist
 
 from backend_torch import dist
-from backend_torch.model import logits, mean_loss, token_losses
+from backend_torch.fused_loss import fused_token_losses
+from backend_torch.model import logits, token_losses
 from backend_torch.optim import init_state, make_update, muon_owners
 from backend_torch.qat import fake_quant
 from core.fakequant import fake_quant_plan
@@ -47,6 +48,12 @@ def configure_cuda(dtype: torch.dtype) -> None:
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def per_token_losses(compiled: bool, dtype: torch.dtype):
+    """The per-token loss function: eager float32 (the CPU) fuses the head, softcap and cross-entropy into one
+    chunked pass (fused_loss.py); compiled (CUDA), inductor fuses the written-out loss itself."""
+    return fused_token_losses if not compiled and dtype == torch.float32 else token_losses
 
 
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -108,11 +115,13 @@ class TorchTrainer:
         train_view = (lambda p: fake_quant(p, qat[0], noise=qat[1])) if qat else (lambda p: p)
         eval_view = (lambda p: fake_quant(p, qat[0])) if qat else (lambda p: p)
 
+        per_token = per_token_losses(self._compile, dtype)
+
         def loss_fn(p, x, y):
-            return mean_loss(spec, train_view(p), x, y, dtype)
+            return per_token(spec, train_view(p), x, y, dtype).mean()
 
         def loss_sum_fn(p, x, y):
-            return token_losses(spec, eval_view(p), x, y, dtype).sum()
+            return per_token(spec, eval_view(p), x, y, dtype).sum()
 
         if not self._compile:
             return loss_fn, loss_sum_fn
@@ -203,7 +212,8 @@ class TorchTrainer:
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per-token cross-entropy in nats, float32 (batch, seq): the sliding-window eval's input."""
         def make(spec, dtype):
-            fn = lambda p, x, y: token_losses(spec, p, x, y, dtype)  # noqa: E731
+            per_token = per_token_losses(self._compile, dtype)
+            fn = lambda p, x, y: per_token(spec, p, x, y, dtype)  # noqa: E731
             return torch.compile(fn, fullgraph=True, dynamic=False) if self.torch_device.type == "cuda" else fn
 
         fn = self._eval_fn("token_losses", make)
