@@ -7,11 +7,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from core.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it."""
     path = Path(path)
+    if path.is_dir():  # else the temp file lands in its parent and the rename fails with a traceback
+        raise UserError(f"{path} is a directory; expected a file path to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

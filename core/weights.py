@@ -84,6 +84,9 @@ def load_weights(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
 
 def read_header(path: Path) -> dict:
     """Parse a safetensors header ourselves so a malformed file gets one clear line."""
+    if path.is_dir():
+        raise UserError(f"weight file {path} is a directory; expected a .safetensors file "
+                        f"(e.g. {path / 'model.safetensors'})")
     if not path.is_file():
         raise UserError(f"weight file {path} not found")
     size = path.stat().st_size

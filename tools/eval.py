@@ -73,6 +73,10 @@ def check_args(args) -> None:
         raise UserError(f"--nproc {args.nproc}: expected 1 or more")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise UserError(f"--json {args.json}: directory {Path(args.json).absolute().parent} not found")
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json} is a directory; expected a file path to write, e.g. eval.json")
+    if getattr(args, "max_loops", None) is not None and getattr(args, "converge", None) is None:
+        raise UserError(f"--max-loops {args.max_loops} goes with --converge EPS (with --loops N, N is the count)")
 
 
 def under_torchrun() -> bool:
@@ -85,6 +89,10 @@ def load_model(args) -> tuple[ModelSpec, dict[str, np.ndarray], str]:
     from core.weights import check_weights, load_weights
 
     path = Path(args.weights or args.artifact)
+    if path.is_dir():
+        hint = "model.safetensors" if args.weights else "model.int8-zlib.art"
+        raise UserError(f"--{'weights' if args.weights else 'artifact'} {path} is a directory; expected a file "
+                        f"(e.g. {path / hint})")
     if not path.is_file():
         raise UserError(f"{'weight file' if args.weights else 'artifact'} {path} not found")
     with open(path, "rb") as f:

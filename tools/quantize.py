@@ -15,7 +15,7 @@ from pathlib import Path
 from core.artifact import CODECS, read_artifact, size_report, write_artifact, write_quantized
 from core.errors import UserError
 from core.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, collect_training_hessians, quantize_weights_gptq
-from core.quant import SCHEMES, compose_scheme
+from core.quant import KEEP_FLOAT_MAX_NUMEL, SCHEMES, compose_scheme
 from core.size import code_bytes
 from core.weights import load_weights
 
@@ -84,14 +84,35 @@ class _Model:
         return evaluate(self.backend, self.val_tokens, t.seq_len, t.val_batch_tokens, self.luts)[1]
 
 
+def _check_gptq_targets(path, weights, scheme: str) -> None:
+    from core.gptq import gptq_targets
+    from core.quant import quantize_weights
+
+    if not gptq_targets(weights, scheme, dict.fromkeys(weights), quantize_weights(weights, scheme)):
+        raise UserError(f"--gptq: no tensor of {path} is quantized by an intN per-row scheme (int4..int7, "
+                        f"int8_search) under {scheme!r}; the tied embedding and tensors of at most "
+                        f"{KEEP_FLOAT_MAX_NUMEL:,} elements are never GPTQ'd")
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     if args.codec not in CODECS:
         raise UserError(f"--codec {args.codec!r}: expected one of {', '.join(sorted(CODECS))}")
-    if args.batches is not None and args.batches < 1 or args.block < 1 or not 0 <= args.damp < 1:
-        raise UserError(f"--batches {args.batches}, --block {args.block}, --damp {args.damp}: expected positive "
-                        "batches and block, and damp in [0, 1)")
+    if args.batches is not None and args.batches < 1:
+        raise UserError(f"--batches {args.batches}: expected a positive number of training batches")
+    if args.block < 1:
+        raise UserError(f"--block {args.block}: expected a positive number of columns")
+    if not 0 <= args.damp < 1:
+        raise UserError(f"--damp {args.damp}: expected a fraction of the mean Hessian diagonal in [0, 1)")
+    if args.batches is not None and not args.gptq:
+        raise UserError(f"--batches {args.batches} sets the Hessian batches of --gptq: add --gptq, or drop it")
+    if args.eval_weights and not args.eval:
+        raise UserError("--eval-weights evaluates beside the artifact's round trip: add --eval")
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a directory; expected the artifact's file path, e.g. model.art")
     scheme = compose_scheme(args.scheme, args.rule)
     spec, weights = load_weights(args.weights)
+    if args.gptq:  # before minutes of Hessians
+        _check_gptq_targets(args.weights, weights, scheme)
     model = _Model(args, spec, weights) if args.gptq or args.eval else None
     if args.gptq:
         batches = args.batches or model.cfg.artifact.gptq_batches
@@ -99,9 +120,6 @@ def run_quantize(args: argparse.Namespace) -> int:
         hessians, record = collect_training_hessians(model.backend, model.data.train_files, model.cfg.train, batches)
         t1 = time.perf_counter()
         qw = quantize_weights_gptq(weights, scheme, hessians, args.damp, args.block, record)
-        if not qw.gptq["tensors"]:
-            raise UserError(f"--gptq: no tensor of {args.weights} is quantized by an intN per-row scheme "
-                            f"(int4..int7, int8_search) under {scheme!r}")
         info = write_quantized(args.out, spec.to_dict(), qw, codec=args.codec, level=args.level)
         print(f"gptq: {len(qw.gptq['tensors'])} tensors, Hessians from {batches} training batches "
               f"({record['calibration']['tokens']:,} tokens) in {t1 - t0:.1f}s, solved in {time.perf_counter() - t1:.1f}s")
