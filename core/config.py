@@ -257,6 +257,8 @@ def _toml_value(v: Any) -> str:
 
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; expected a .toml file (a run's is {path / 'config.toml'})")
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:

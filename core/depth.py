@@ -138,6 +138,9 @@ def depth_schedule(cfg) -> DepthSchedule | None:
         return None
     stages = parse_stages(t.depth_schedule)
     k, r = require_cyclic(spec, f"train.depth_schedule = {t.depth_schedule!r}")
+    if r == 1:
+        raise UserError(f"train.depth_schedule = {t.depth_schedule!r} needs a plan that loops ('KxR' with R >= 2); "
+                        f"model.layer_plan runs each of its {k} blocks once, so there is no loop to drop")
     if stages[-1][1] != r:
         raise UserError(f"train.depth_schedule = {t.depth_schedule!r}: the last entry must train all {r} loops of "
                         f"model.layer_plan (export and evaluation run at full depth), not {stages[-1][1]}")

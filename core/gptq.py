@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.quant import (
-    CLIP_SEARCH_PERCENTILES, ROLE_QUANTIZED, SCHEMES, IntNClipSearch, QuantizedTensor, QuantizedWeights,
-    fp16_step, quantize_rows_with_step, quantize_weights, scheme_for_tensor,
+    CLIP_SEARCH_PERCENTILES, KEEP_FLOAT_MAX_NUMEL, ROLE_QUANTIZED, SCHEMES, IntNClipSearch, QuantizedTensor,
+    QuantizedWeights, fp16_step, is_control_name, quantize_rows_with_step, quantize_weights, scheme_for_tensor,
 )
 from core.shards import TokenStream, next_batch
 
@@ -151,6 +151,18 @@ def gptq_targets(weights: Mapping[str, np.ndarray], scheme: str, hessians: Mappi
             if name in quantized.tensors and name not in LOOKUP_TABLES
             and quantized.tensors[name].role == ROLE_QUANTIZED and weights[name].ndim == 2
             and gptq_scheme_qmax(scheme_for_tensor(scheme, name)) is not None]
+
+
+def gptq_applies(weights: Mapping[str, np.ndarray], scheme: str) -> bool:
+    """Whether any tensor can be a GPTQ target (by shape, name and scheme, without quantizing): at a small
+    width every matrix may be under the passthrough size, and Hessians would be collected for nothing."""
+    return any(name not in LOOKUP_TABLES and w.ndim == 2 and w.size > KEEP_FLOAT_MAX_NUMEL
+               and not is_control_name(name) and gptq_scheme_qmax(scheme_for_tensor(scheme, name)) is not None
+               for name, w in weights.items())
+
+
+NO_TARGETS = ("the tied embedding and tensors of at most {:,} elements are never GPTQ'd"
+              .format(KEEP_FLOAT_MAX_NUMEL))
 
 
 def quantize_weights_gptq(weights: Mapping[str, np.ndarray], scheme: str, hessians: Mapping[str, np.ndarray],

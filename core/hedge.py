@@ -67,6 +67,7 @@ class HedgeMixer:
         self.trigram_rows = np.zeros(self.buckets, np.int64)
         self.log_w = np.array(INITIAL_LOG_WEIGHTS, np.float64)
         self.seen = 0  # targets counted into the tables
+        self.mixed = 0  # targets scored by the mixture (the rest, in the warmup, by the model alone)
 
     @property
     def weights(self) -> np.ndarray:
@@ -120,6 +121,7 @@ class HedgeMixer:
         t2, t1, y = (np.asarray(a, np.int64) for a in (t2, t1, y))
         count_lp = self.count_log_probs(t2, t1, y)
         nll = self.mix_nll(neural_nll, count_lp)
+        self.mixed += len(y) if self.mixing else 0
         if self.mixing and len(y):  # the Hedge rule, from this block's (already scored) targets
             expert_nll = np.vstack([np.asarray(neural_nll, np.float64)[None], -count_lp])
             self.log_w = self.log_w - self.eta * expert_nll.mean(axis=1)

@@ -375,6 +375,16 @@ class Trainer:
                   "val_bpb_before_averaging": result["val_bpb"]}
         return {**result, "val_loss": val_loss, "val_bpb": val_bpb}, fields
 
+    def _gptq_applies(self, weights: dict[str, np.ndarray]) -> bool:
+        """artifact.gptq: whether any tensor is one GPTQ solves; at a small width (--small) none may be, and
+        the export then rounds as without it rather than collecting Hessians for nothing."""
+        scheme = self.cfg.artifact.quant_scheme
+        if gptq.gptq_applies(weights, scheme):
+            return True
+        self.log.line(f"gptq: off: no tensor here is one GPTQ solves under {scheme!r} ({gptq.NO_TARGETS}); "
+                      "exported by plain rounding")
+        return False
+
     def export(self, out_dir: Path, result: dict) -> dict:
         """Save weights and the artifact, evaluate the dequantized round trip, write the final record."""
         cfg, b, log = self.cfg, self.backend, self.log
@@ -386,14 +396,15 @@ class Trainer:
             raise FloatingPointError(f"non-finite weights ({', '.join(bad[:3])}); nothing exported. {self._nan_hint()}")
         art_path = out_dir / f"model.{cfg.artifact.scheme}-{cfg.artifact.codec}.art"
         art = cfg.artifact
-        if art.gptq:  # every rank: the Hessians are summed across ranks
+        use_gptq = art.gptq and self._gptq_applies(weights)
+        if use_gptq:  # every rank: the Hessians are summed across ranks
             t0 = time.perf_counter()
             hessians, record = gptq.collect_training_hessians(b, self.train_files, cfg.train, art.gptq_batches)
             log.line(f"gptq: hessians:{len(hessians)} batches:{art.gptq_batches} "
                      f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
         if b.rank == 0:
             save_weights(out_dir / "model.safetensors", cfg.model, weights)
-            if art.gptq:
+            if use_gptq:
                 t0 = time.perf_counter()
                 qw = gptq.quantize_weights_gptq(weights, art.quant_scheme, hessians, art.gptq_damp, art.gptq_block,
                                                 record)
@@ -427,6 +438,8 @@ class Trainer:
                      total_bytes=total, params=unique, effective_params=effective, steps=result["steps"],
                      train_time_ms=result["train_time_ms"], tok_s=result["tok_s"], backend=b.name,
                      world_size=b.world_size, artifact=art_path.name, qat=cfg.artifact.qat, **averaging, **sliding)
+        if art.gptq:
+            final["gptq_tensors"] = len((info.gptq or {}).get("tensors", []))
         log.event("final", **final)
         return final
 

@@ -150,6 +150,16 @@ class SlidingResult:
     hedge_val_loss: float | None = None
     hedge_val_bpb: float | None = None
     hedge_weights: list[float] | None = None  # the mixer's final expert weights (neural, unigram, bigram, trigram)
+    hedge_mixed_targets: int | None = None  # targets past the mixer's warmup (before it, the model's loss counts)
+
+    def hedge_note(self) -> str:
+        """Says so when the stream was too short for the mixer to start (the Hedge bpb is then the sliding one)."""
+        if self.hedge_mixed_targets:
+            return ""
+        from core.hedge import WARMUP_TOKENS
+
+        return (f"; the mixer starts after {WARMUP_TOKENS:,} targets, so all {self.targets:,} here were scored by "
+                "the model alone")
 
 
 def sliding_eval(backend, tokens: np.ndarray, window_len: int, stride: int, batch_seqs: int, luts: ByteLuts,
@@ -171,17 +181,19 @@ def sliding_eval(backend, tokens: np.ndarray, window_len: int, stride: int, batc
         from core.hedge import HedgeMixer
 
         nll = gather_token_nll(backend, local, plan.n_targets)
-        hedge_sum = np.zeros(2, np.float64)  # mixed loss nats, and the neural loss as a cross-check
+        hedge_sum = np.zeros(3, np.float64)  # mixed loss nats, the neural loss as a cross-check, mixed targets
         weights = np.zeros(4, np.float64)
         if backend.rank == 0:
             mixer = HedgeMixer(vocab_size or int(np.max(tokens)) + 1, eta=hedge_eta, **(hedge_options or {}))
             hedge_sum[0] = mixer.run_stream(np.asarray(tokens), nll)
             hedge_sum[1] = nll.sum(dtype=np.float64)
+            hedge_sum[2] = mixer.mixed
             weights = mixer.weights
         hedge_sum = backend.all_reduce_sum(hedge_sum)
         weights = backend.all_reduce_sum(weights)
         result.hedge_val_loss, result.hedge_val_bpb = bpb_from_sums(hedge_sum[0], sums[1], sums[2])
         result.hedge_weights = [float(w) for w in weights]
+        result.hedge_mixed_targets = int(hedge_sum[2])
         # The gathered losses must add up to the sliding sum (float32 per token, so a relative tolerance).
         if not math.isclose(hedge_sum[1], sums[0], rel_tol=1e-5, abs_tol=1e-3):
             raise AssertionError(f"gathered per-token losses sum to {hedge_sum[1]}, the sliding sum is {sums[0]}")
@@ -210,7 +222,8 @@ def final_sliding_eval(backend, val_tokens: np.ndarray, cfg, luts: ByteLuts, log
              "sliding_stride": r.stride}
     if ev.hedge:
         log.line(f"{label}_hedge val_loss:{r.hedge_val_loss:.4f} val_bpb:{r.hedge_val_bpb:.4f} "
-                 f"(beside the sliding bpb, not instead; no entropy expert) weights:"
+                 f"(beside the sliding bpb, not instead; no entropy expert{r.hedge_note()}) weights:"
                  + ",".join(f"{w:.3f}" for w in r.hedge_weights))
-        extra.update(hedge_val_loss=r.hedge_val_loss, hedge_val_bpb=r.hedge_val_bpb)
+        extra.update(hedge_val_loss=r.hedge_val_loss, hedge_val_bpb=r.hedge_val_bpb,
+                     hedge_mixed_targets=r.hedge_mixed_targets)
     return extra

@@ -117,6 +117,9 @@ class ModelSpec:
         for name in ("q_rank", "rope_dims", "rope_train_seq_len", "xsa_last_n", "bigram_buckets", "value_embeds"):
             if getattr(self, name) < 0:
                 raise UserError(f"model.{name} = {getattr(self, name)}: expected 0 (off) or a positive integer")
+        if self.q_rank >= self.model_dim:
+            raise UserError(f"model.q_rank = {self.q_rank}: expected a rank below model_dim = {self.model_dim} "
+                            "(at rank >= d the two factors hold more than the full c_q; 0 keeps it full)")
         if self.rope_dims and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
             raise UserError(
                 f"model.rope_dims = {self.rope_dims}: expected an even number of dims, at most head_dim ="

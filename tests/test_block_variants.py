@@ -22,11 +22,11 @@ torch = pytest.importorskip("torch")
 import backend_mlx  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.errors import UserError  # noqa: E402
-from core.params import GROUPS, SCALAR, count_params, init_weights, param_table  # noqa: E402
+from core.params import SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
 from tests.test_mlx_model import reference_logits  # noqa: E402
-from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, grads_in_both, one_step_in_both, spec_for, tokens  # noqa: E402
+from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, checked_grads, one_step_in_both, spec_for, tokens  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,15 +116,8 @@ def test_backends_and_numpy_reference_agree(variant, plan):
 @pytest.mark.parametrize("plan", PLANS)
 def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
     spec = spec_for(plan, **EVERYTHING, **ALL_ON, loop_gate_init=0.8)
-    table = param_table(spec)
-    w = parity.perturbed_weights(spec, 7)
-    gm, gt = grads_in_both(spec, w)
-    assert set(gm) == {i.name for i in table} and "skip_weights" not in gm
-    for info in table:
-        g_m, g_t = np.array(gm[info.name]), gt[info.name].numpy()
-        assert np.abs(g_m).max() > 0 and np.abs(g_t).max() > 0, f"{info.name} gets no gradient"
-        np.testing.assert_allclose(g_m, g_t, atol=1e-6 + 1e-4 * np.abs(g_t).max(), rtol=0, err_msg=info.name)
-        assert info.group in GROUPS
+    w, gm, gt = checked_grads(spec)
+    assert "skip_weights" not in gm
     # Every (block, repeat) row the plan reaches trains; the rest stay untouched.
     uses = {b: spec.layer_plan.count(b) for b in range(spec.num_blocks)}
     rows = np.abs(np.array(gm["cross_repeat_scales"])).max(-1)

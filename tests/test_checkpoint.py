@@ -23,6 +23,7 @@ from core.params import init_weights
 from core.runlog import RunLog
 from core.shards import shard_name, write_shard
 from core.weights import load_weights
+from tests.stand_in_backend import StandInBackend
 
 MODEL = {"vocab_size": 64, "model_dim": 16, "num_heads": 2, "num_kv_heads": 1, "layer_plan": "2x2"}
 TRAIN = {"iterations": 20, "batch_tokens": 64, "seq_len": 16, "warmup_steps": 0, "val_every": 0, "log_every": 0,
@@ -292,12 +293,10 @@ def test_backend_state_round_trip_continues_exactly(backend, request):
 
 # ---- the loop: NaNs and signals, with a numpy stand-in backend ----------------------------------------
 
-class FakeBackend:
-    name, rank, world_size, device = "fake", 0, 1, "cpu"
-
+class FakeBackend(StandInBackend):
     def __init__(self, losses=None, nan_weights_at=None, on_step=None):
-        self.weights = init_weights(SPEC, 0)
-        self.optimizer = {k: np.zeros(s, np.float32) for k, s in ck.optimizer_shapes(SPEC).items()}
+        super().__init__(init_weights(SPEC, 0),
+                         {k: np.zeros(s, np.float32) for k, s in ck.optimizer_shapes(SPEC).items()})
         self.losses, self.nan_weights_at, self.on_step, self.steps = losses or {}, nan_weights_at, on_step, 0
 
     def train_step(self, micro_batches, lr_scale, momentum):
@@ -314,31 +313,6 @@ class FakeBackend:
         if getattr(self, "on_eval", None):
             self.on_eval()
         return 3.0 * x.size
-
-    def get_weights(self):
-        return {k: v.copy() for k, v in self.weights.items()}
-
-    def set_weights(self, weights):
-        self.weights = {k: np.array(v) for k, v in weights.items()}
-
-    def get_state(self):
-        return self.get_weights(), {k: v.copy() for k, v in self.optimizer.items()}
-
-    def set_state(self, weights, optimizer):
-        self.set_weights(weights)
-        self.optimizer = {k: np.array(v) for k, v in optimizer.items()}
-
-    def snapshot(self):
-        return self.get_state()
-
-    def restore(self, snap):
-        self.set_state(*snap)
-
-    def all_reduce_sum(self, values):
-        return values
-
-    def all_reduce_max(self, value):
-        return value
 
 
 def trainer(tmp_path, shards, backend, **train):

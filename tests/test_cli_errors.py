@@ -84,6 +84,8 @@ def test_missing_config_and_bad_toml(capsys, tmp_path):
     bad.write_text("[model\n")
     code, err = run(capsys, ["size", "--config", str(bad)])
     assert_one_line(code, err, "bad.toml", "not valid TOML")
+    code, err = run(capsys, ["size", "--config", str(tmp_path)])  # a run directory instead of its config.toml
+    assert_one_line(code, err, "is a directory", str(tmp_path / "config.toml"))
 
 
 def test_batch_that_does_not_split_into_sequences(capsys, demo_data, tmp_path):
@@ -95,3 +97,14 @@ def test_batch_that_does_not_split_into_sequences(capsys, demo_data, tmp_path):
 def test_size_prints_the_baseline_count(capsys):
     assert main(["size", "--config", "configs/baseline_9x512.toml"]) == 0
     assert "model_params:17059912" in capsys.readouterr().out
+
+
+def test_writing_over_a_directory_is_a_user_error_and_leaves_nothing(tmp_path):
+    from core.atomic import atomic_write_text
+    from core.errors import UserError
+
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(UserError, match="is a directory; expected a file path"):
+        atomic_write_text(target, "x")
+    assert list(tmp_path.iterdir()) == [target] and not list(target.iterdir())

@@ -26,6 +26,7 @@ from core.depth import DepthSchedule, depth_schedule, parse_stages, truncate_wei
 from core.errors import UserError
 from core.params import init_weights
 from core.spec import ModelSpec
+from tests.stand_in_backend import StandInBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"vocab_size": 64, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2}
@@ -73,6 +74,9 @@ def test_schedule_checked_against_the_config():
         cfg_for(depth_schedule_by="time")
     with pytest.raises(UserError, match="cyclic layer plan"):
         depth_schedule(cfg_for({"layer_plan": "0 1 2 1 2 3"}, depth_schedule="0.5:1,1.0:2"))
+    with pytest.raises(UserError, match="needs a plan that loops"):  # a flat plan: one loop, nothing to drop
+        depth_schedule(cfg_for({"layer_plan": "flat", "num_layers": 3}, depth_schedule="1.0:1",
+                               depth_schedule_by="step"))
     with pytest.raises(UserError, match="last entry must train all 3 loops"):
         depth_schedule(cfg_for(depth_schedule="0.5:1,1.0:2", depth_schedule_by="step"))
     with pytest.raises(UserError, match="needs train.max_wallclock_seconds > 0"):
@@ -104,13 +108,13 @@ def test_truncated_spec_and_weights_take_the_leading_rows():
 
 # ---- the loop, with a fake backend and a fake clock -------------------------------------------------------
 
-class FakeClockBackend:
+class FakeClockBackend(StandInBackend):
     """Records the depth of every training step; each step advances the loop's clock by one second."""
-    name, rank, world_size, device = "fake", 0, 1, "cpu (float32)"
+    device = "cpu (float32)"
 
     def __init__(self, spec, clock):
+        super().__init__(init_weights(spec, 0))
         self.spec, self.clock, self.layers, self.seen = spec, clock, spec.num_layers, []
-        self.weights = init_weights(spec, 0)
 
     def set_depth(self, layers):
         self.layers = layers
@@ -122,30 +126,6 @@ class FakeClockBackend:
 
     def eval_loss_sum(self, x, y):
         return float(x.size)
-
-    def get_weights(self):
-        return dict(self.weights)
-
-    def set_weights(self, weights):
-        self.weights = dict(weights)
-
-    def get_state(self):
-        return self.get_weights(), {}
-
-    def set_state(self, weights, optimizer):
-        self.set_weights(weights)
-
-    def snapshot(self):
-        return self.get_state()
-
-    def restore(self, snap):
-        self.set_state(*snap)
-
-    def all_reduce_sum(self, values):
-        return values
-
-    def all_reduce_max(self, value):
-        return value
 
 
 def run_fake(tmp_path, demo_data, monkeypatch, **train):

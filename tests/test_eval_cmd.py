@@ -41,8 +41,9 @@ def test_a_run_reports_sliding_and_hedge_beside_the_round_trip(run):
         assert np.isfinite(final[key]), key
     assert final["sliding_seq_len"] == 64 and final["sliding_stride"] == 32
     # Before its warmup the mixer returns the model's own losses: the same number, reported beside.
-    assert final["hedge_val_bpb"] == final["sliding_val_bpb"]
+    assert final["hedge_val_bpb"] == final["sliding_val_bpb"] and final["hedge_mixed_targets"] == 0
     log = (out / "train.log").read_text()
+    assert f"so all {VAL_TARGETS:,} here were scored by the model alone" in log  # says why they are equal
     assert "final_int8_zlib_roundtrip_sliding val_loss:" in log and "final_int8_zlib_roundtrip_hedge val_loss:" in log
 
 
@@ -107,6 +108,10 @@ def test_bad_input_is_one_line(demo_data, tmp_path, capsys):
         (["--weights", str(weights), *data, "--hedge"], "--hedge mixes over the sliding windows"),
         (["--weights", str(weights), *data, "--json", str(tmp_path / "no" / "r.json")], "--json"),
         (["--weights", str(weights), *data, "--nproc", "2"], "--nproc 2"),
+        (["--weights", str(tmp_path), *data], "is a directory; expected a file"),
+        (["--artifact", str(tmp_path), *data], "is a directory; expected a file"),
+        (["--weights", str(weights), *data, "--json", str(tmp_path)], "--json"),  # not a traceback from the rename
+        (["--weights", str(weights), *data, "--max-loops", "5"], "--max-loops needs --converge"),
     ]
     for argv, expected in cases:
         assert expected in one_error_line(capsys, ["eval", *argv]), argv

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from core.artifact import build_artifact, encode_artifact, parse_artifact
 from core.config import ArtifactConfig
 from core.errors import UserError
-from core.gptq import gptq_quantize, output_error, quantize_weights_gptq
+from core.gptq import gptq_applies, gptq_quantize, gptq_targets, output_error, quantize_weights_gptq
 from core.quant import dequantize_weights, int_qmax, quantize_rows_clip_search, quantize_weights
 
 
@@ -115,6 +115,17 @@ def test_gptq_weights_only_touch_intn_tensors_and_the_header_records_it():
     # Without GPTQ the header has no gptq key, so earlier artifacts keep their bytes.
     _, plain_back, plain_info = parse_artifact(build_artifact({"spec": 1}, weights, scheme, "zstd"))
     assert plain_back.gptq is None and plain_info.gptq is None
+
+
+def test_gptq_applies_agrees_with_the_targets():
+    """The cheap pre-check (before Hessians) says yes exactly when quantize_weights_gptq has a target."""
+    weights, hessians = weights_and_hessians()
+    for scheme in ("int6", "int8", "fp16", "int8;*.mlp.*=int5", "int6;*.mlp.*=fp16", "int8_search",
+                   "int8;tok_emb.weight=int6"):  # the last: only the lookup table is intN
+        targets = gptq_targets(weights, scheme, hessians, quantize_weights(weights, scheme))  # what the solve takes
+        assert gptq_applies(weights, scheme) == bool(targets), scheme
+    small = {n: w[:, :96] for n, w in weights.items() if w.ndim == 2}  # every matrix at most 65,536 elements
+    assert not gptq_applies(small, "int6")
 
 
 def test_a_header_gptq_record_naming_an_unknown_tensor_is_refused():

@@ -104,6 +104,7 @@ def test_the_hedge_rule_by_hand():
     expected_log_w = np.array(INITIAL_LOG_WEIGHTS) - eta * np.vstack([neural, -count_lp]).mean(1)
     np.testing.assert_allclose(mixer.score(t2, t1, y, neural), expected_nll, rtol=1e-12)
     np.testing.assert_allclose(mixer.log_w, expected_log_w, rtol=1e-12)
+    assert mixer.mixed == 3  # the warmup block was the model's alone; only the second was mixed
 
 
 def test_the_mixer_learns_a_repetitive_stream():

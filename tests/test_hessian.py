@@ -111,7 +111,7 @@ def test_a_torch_run_exports_a_gptq_artifact_that_round_trips(demo_data, tmp_pat
     assert qw.gptq["calibration"]["batches"] == 2 and info.codec_label == "zstd-22"
     assert np.isfinite(final["roundtrip_val_bpb"])
     log = (out / "train.log").read_text()
-    assert "gptq: tensors:4" in log
+    assert "gptq: tensors:4" in log and final["gptq_tensors"] == 4
     # The codes are int6 and dequantize to close to the trained weights (GPTQ moves each by a few steps at most).
     _, deq, _ = read_artifact(out / final["artifact"])
     from core.weights import load_weights
@@ -134,10 +134,25 @@ def test_a_torch_run_exports_a_gptq_artifact_that_round_trips(demo_data, tmp_pat
     assert abs(float(row.split("roundtrip_val_bpb=")[1].split()[0]) - final["roundtrip_val_bpb"]) <= 5e-5  # printed .4f
 
 
+def test_a_run_too_small_for_gptq_says_so_and_rounds(demo_data, tmp_path):
+    """At --small width every block matrix is under the passthrough size: no Hessians, plain rounding."""
+    out = tmp_path / "run"
+    assert main([
+        "train", "--config", "configs/demo.toml", "--backend", "torch", "--data", str(demo_data), "--out", str(out),
+        "--small", "--set", "train.iterations=1", "--set", "train.warmup_steps=0", "--set", "train.val_max_tokens=512",
+        "--set", "artifact.scheme='int6'", "--set", "artifact.gptq=true",
+    ]) == 0
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    log = (out / "train.log").read_text()
+    assert "gptq: off: no tensor here is one GPTQ solves" in log and "gptq: hessians" not in log
+    assert final["gptq_tensors"] == 0 and load_quantized(out / final["artifact"])[1].gptq is None
+
+
 def test_quantize_gptq_needs_a_run_config(tmp_path, capsys):
     from core.weights import save_weights
 
-    save_weights(tmp_path / "w.safetensors", SHARED, random_weights(SHARED))
+    wide = ModelSpec.from_table({**BASE, "layer_plan": "2x2", "mlp_hidden": 2080})  # MLP matrices GPTQ applies to
+    save_weights(tmp_path / "w.safetensors", wide, random_weights(wide))
     assert main(["quantize", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "x.art"), "--scheme", "int6",
                  "--gptq"]) == 2
     assert "config.toml" in capsys.readouterr().err and not (tmp_path / "x.art").exists()

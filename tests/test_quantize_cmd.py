@@ -31,3 +31,28 @@ def test_quantize_refuses_bad_input(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "x.art"), "--codec", "rar"]) == 2
     assert "--codec 'rar'" in capsys.readouterr().err
     assert not (tmp_path / "x.art").exists()
+
+
+def test_quantize_refuses_flags_that_would_do_nothing_before_any_work(tmp_path, capsys):
+    """Each is one line, before Hessians or an eval (no config.toml is beside these weights, so reaching
+    the model would fail differently), and writes nothing."""
+    w = tmp_path / "w.safetensors"
+    save_weights(w, SPEC, init_weights(SPEC, 7))
+    tiny = ModelSpec.from_table({"vocab_size": 128, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2})
+    save_weights(tmp_path / "tiny.safetensors", tiny, init_weights(tiny, 7))
+    out = tmp_path / "x.art"
+    cases = [
+        ([str(w), "--out", str(tmp_path)], "--out " + str(tmp_path) + " is a directory"),
+        ([str(tmp_path), "--out", str(out)], "is a directory; expected a .safetensors file"),
+        ([str(w), "--out", str(out), "--eval-weights"], "add --eval"),
+        ([str(w), "--out", str(out), "--eval", "--config", str(tmp_path)], "--config " + str(tmp_path) + " is a directory"),
+        ([str(w), "--out", str(out), "--batches", "4"], "add --gptq"),
+        ([str(w), "--out", str(out), "--gptq", "--damp", "2"], "--damp 2.0"),
+        ([str(w), "--out", str(out), "--gptq", "--scheme", "fp16"], "no tensor"),
+        ([str(tmp_path / "tiny.safetensors"), "--out", str(out), "--gptq", "--scheme", "int6"], "65,536 elements"),
+    ]
+    for argv, expected in cases:
+        assert main(["quantize", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors", "w.safetensors"]

@@ -169,23 +169,34 @@ def test_backends_and_numpy_reference_agree(option, plan):
 
 # ---- (c) gradients and optimizer groups -------------------------------------------------------------------
 
-@pytest.mark.parametrize("plan", PLANS)
-def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
-    spec = spec_for(plan, **ALL_ON, loop_gate_init=0.8)
+def checked_grads(spec: ModelSpec, seed: int = 7):
+    """Perturbed weights and their gradients in both backends, (w, MLX grads, torch grads), after checking
+    that every parameter of the table, and nothing else, gets a nonzero gradient, the same in both (to 1e-4
+    of its largest entry: fp32 sums in different orders), and sits in an optimizer group."""
     table = param_table(spec)
-    w = parity.perturbed_weights(spec, 7)
+    w = parity.perturbed_weights(spec, seed)
     gm, gt = grads_in_both(spec, w)
-    new = set().union(*NEW.values())
+    assert set(gm) == {i.name for i in table}
     for info in table:
         g_m, g_t = np.array(gm[info.name]), gt[info.name].numpy()
         assert np.abs(g_m).max() > 0 and np.abs(g_t).max() > 0, f"{info.name} gets no gradient"
         np.testing.assert_allclose(g_m, g_t, atol=1e-6 + 1e-4 * np.abs(g_t).max(), rtol=0, err_msg=info.name)
+        assert info.group in GROUPS
+    return w, gm, gt
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
+    spec = spec_for(plan, **ALL_ON, loop_gate_init=0.8)
+    w, gm, gt = checked_grads(spec)
+    new = set().union(*NEW.values())
+    for info in param_table(spec):
+        g_m = np.array(gm[info.name])
         if info.name in new and len(info.shape) > 1:  # every layer's (or loop's) row trains
             rows = np.abs(g_m.reshape(info.shape[0], -1)).max(1)
             assert (rows > 0).all(), f"{info.name}: rows {np.flatnonzero(rows == 0).tolist()} get no gradient"
         if info.name in ("layer_in_gains", "layer_out_gains", "loop_gates"):
             assert (np.abs(g_m) > 0).all(), info.name
-        assert info.group in GROUPS
     # Exactly one optimizer group holds each parameter, in both backends, and one step moves it.
     after_mlx, after_torch = one_step_in_both(spec, w, gm, gt)
     for name in new:  # Adam's first step moves every element with a nonzero gradient by about scalar_lr

@@ -75,8 +75,6 @@ def check_args(args) -> None:
         raise UserError(f"--json {args.json}: directory {Path(args.json).absolute().parent} not found")
     if args.json and Path(args.json).is_dir():
         raise UserError(f"--json {args.json} is a directory; expected a file path to write, e.g. eval.json")
-    if getattr(args, "max_loops", None) is not None and getattr(args, "converge", None) is None:
-        raise UserError(f"--max-loops {args.max_loops} goes with --converge EPS (with --loops N, N is the count)")
 
 
 def under_torchrun() -> bool:
@@ -223,9 +221,9 @@ def _evaluate_and_report(args, backend, spec, source, data, luts, tokens) -> int
         if args.hedge:
             say(f"hedge val_loss:{r.hedge_val_loss:.8f} val_bpb:{r.hedge_val_bpb:.8f} (beside the sliding bpb, "
                 f"not instead; eta {args.hedge_eta:g}, no entropy expert; final weights neural/unigram/bigram/"
-                f"trigram {'/'.join(f'{w:.3f}' for w in r.hedge_weights)})")
+                f"trigram {'/'.join(f'{w:.3f}' for w in r.hedge_weights)}{r.hedge_note()})")
             record.update(hedge_val_loss=r.hedge_val_loss, hedge_val_bpb=r.hedge_val_bpb, hedge_eta=args.hedge_eta,
-                          hedge_weights=r.hedge_weights)
+                          hedge_weights=r.hedge_weights, hedge_mixed_targets=r.hedge_mixed_targets)
     if wants_depth_eval(args):
         record["depth"] = run_depth_eval(args, backend, tokens, luts, L, args.batch_seqs * L * backend.world_size,
                                          log=say)

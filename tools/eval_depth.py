@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def wants_depth_eval(args) -> bool:
-    return getattr(args, "loops", None) is not None or getattr(args, "converge", None) is not None
+    return any(getattr(args, flag, None) is not None for flag in ("loops", "converge", "max_loops"))
 
 
 def run_depth_eval(args, backend, val_tokens, luts, seq_len: int, batch_tokens: int, log=print) -> dict:

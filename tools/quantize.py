@@ -15,7 +15,7 @@ from pathlib import Path
 from core.artifact import CODECS, read_artifact, size_report, write_artifact, write_quantized
 from core.errors import UserError
 from core.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, collect_training_hessians, quantize_weights_gptq
-from core.quant import KEEP_FLOAT_MAX_NUMEL, SCHEMES, compose_scheme
+from core.quant import SCHEMES, compose_scheme
 from core.size import code_bytes
 from core.weights import load_weights
 
@@ -47,6 +47,8 @@ def _run_config(args):
     from core.config import load_config
 
     path = Path(args.config) if args.config else Path(args.weights).parent / "config.toml"
+    if path.is_dir():
+        raise UserError(f"--config {path} is a directory; expected a run config .toml (e.g. {path / 'config.toml'})")
     if not path.is_file():
         what = f"--config {path}" if args.config else f"{path} (no --config given)"
         raise UserError(f"{what}: not found; --gptq and --eval take train.seq_len and the batch sizes from a "
@@ -85,13 +87,11 @@ class _Model:
 
 
 def _check_gptq_targets(path, weights, scheme: str) -> None:
-    from core.gptq import gptq_targets
-    from core.quant import quantize_weights
+    from core.gptq import NO_TARGETS, gptq_applies
 
-    if not gptq_targets(weights, scheme, dict.fromkeys(weights), quantize_weights(weights, scheme)):
+    if not gptq_applies(weights, scheme):
         raise UserError(f"--gptq: no tensor of {path} is quantized by an intN per-row scheme (int4..int7, "
-                        f"int8_search) under {scheme!r}; the tied embedding and tensors of at most "
-                        f"{KEEP_FLOAT_MAX_NUMEL:,} elements are never GPTQ'd")
+                        f"int8_search) under {scheme!r}; {NO_TARGETS}")
 
 
 def run_quantize(args: argparse.Namespace) -> int:
