@@ -101,7 +101,7 @@ class TorchTrainer:
         self._owners = muon_owners(spec, self.world_size)
         self._update = make_update(spec, optim, self.rank, self.world_size,
                                    ns_dtype=torch.bfloat16 if cuda else torch.float32, compile=cuda)
-        self._compile = cuda
+        self._compile = train.compile == "on" or (train.compile == "auto" and cuda)
         self._qat = None  # (plan, noise) while QAT is on: see set_qat
         self._average = None  # the EMA, on the device: see average_update
         self._depth_variants: dict[int, tuple] = {}  # layers -> (loss, loss_sum), one compiled pair per depth
@@ -214,7 +214,7 @@ class TorchTrainer:
         def make(spec, dtype):
             per_token = per_token_losses(self._compile, dtype)
             fn = lambda p, x, y: per_token(spec, p, x, y, dtype)  # noqa: E731
-            return torch.compile(fn, fullgraph=True, dynamic=False) if self.torch_device.type == "cuda" else fn
+            return torch.compile(fn, fullgraph=True, dynamic=False) if self._compile else fn
 
         fn = self._eval_fn("token_losses", make)
         x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)

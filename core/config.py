@@ -39,6 +39,9 @@ class TrainConfig:
     max_wallclock_seconds: float = 600.0  # 0: no cap
     seed: int = 1337
     compute_dtype: str = "auto"  # "auto" (bf16 on GPU/Metal, fp32 on CPU), "float32", "bfloat16"
+    # torch: torch.compile the loss. "auto": on CUDA only (on a CPU the compile, 25-70 s, outweighs a short run's
+    # gain of about 1.17x per step: docs/benchmarks.md); "on"/"off" force it. MLX always compiles its step.
+    compile: str = "auto"
     checkpoint_every: int = 0  # >0: write RUN_DIR/checkpoints/step_N every N steps (0: only on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     # Progressive depth (core.depth): "f:r,..." trains r loops of a "KxR" plan while the fraction is below f,
@@ -58,6 +61,8 @@ class TrainConfig:
             raise UserError(f"train.max_wallclock_seconds = {self.max_wallclock_seconds}: expected 0 or more")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"train.compute_dtype = {self.compute_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
+        if self.compile not in ("auto", "on", "off"):
+            raise UserError(f"train.compile = {self.compile!r}: expected 'auto', 'on' or 'off'")
         if self.depth_schedule_by not in SCHEDULE_BY:
             raise UserError(f"train.depth_schedule_by = {self.depth_schedule_by!r}: expected 'wallclock' or 'step'")
         if self.depth_schedule:

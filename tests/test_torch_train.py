@@ -139,3 +139,23 @@ def test_cuda_compiled_bf16_step_tracks_cpu_fp32():
     gpu = run_steps(TorchTrainer(SPEC, weights, TrainConfig(compute_dtype="auto"), OPTIM, device="cuda"), steps)
     # bf16 matmuls (8-bit mantissa) and bf16 Newton-Schulz: a looser band than fp32 parity.
     np.testing.assert_allclose(gpu, cpu, atol=5e-2, rtol=0)
+
+
+def test_train_compile_setting_picks_the_compiled_path(tmp_path):
+    """train.compile: 'auto' compiles on CUDA only, 'on'/'off' force it; anything else is one config error.
+    (Only the choice is checked here: an inductor compile on a CPU takes 25-70 s, measured in docs/benchmarks.md.)"""
+    import dataclasses
+
+    from backend_torch.trainer import TorchTrainer
+    from core.config import TrainConfig, config_from_dict
+    from core.errors import UserError
+    from core.params import init_weights
+
+    cfg = config_from_dict({"model": {"vocab_size": 64, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2,
+                                      "layer_plan": "2x2"}})
+    weights = init_weights(cfg.model, 0)
+    for setting, expect in (("auto", False), ("on", True), ("off", False)):
+        train = dataclasses.replace(cfg.train, compile=setting)
+        assert TorchTrainer(cfg.model, weights, train, cfg.optim, device="cpu")._compile is expect, setting
+    with pytest.raises(UserError, match="train.compile"):
+        TrainConfig(compile="yes")
