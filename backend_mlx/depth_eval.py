@@ -1,8 +1,8 @@
 """Eval-time extra loops in MLX (core.depth gives the semantics): the trained loops, then the last loop
 again with its own per-layer rows, recording the residual stream at every loop's end.
 
-Mirrors backend_torch/depth_eval.py line by line; the trunk is model.hidden_states' loop over model.py's
-public input_features and layer_step.
+Mirrors the PyTorch backend's depth_eval.py line by line. The trained loops are model.hidden_states
+itself (its `collect` hands back every layer's output); the extra loops call model.py's layer_step.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from backend_mlx.model import cross_entropy, input_features, layer_step, linear, rms_norm, softcap
+from backend_mlx.model import cross_entropy, hidden_states, input_features, layer_step, linear, rms_norm, softcap
 from core.depth import require_cyclic
 from core.spec import ModelSpec
 
@@ -18,18 +18,12 @@ from core.spec import ModelSpec
 def loop_states(spec: ModelSpec, p: dict, tokens: mx.array, total_loops: int, dtype=mx.float32) -> list:
     """The residual stream (before the final norm) at the end of loops 1..total_loops."""
     k, r = require_cyclic(spec, "eval-time extra loops")
-    x, ve = input_features(spec, p, tokens, dtype)
-    x0 = x
-    skips, prev_out, states = [], {}, []
-    for layer in range(spec.num_layers):
-        if layer >= spec.num_encoder_layers and skips:
-            skip_w = p["skip_weights"][layer - spec.num_encoder_layers].astype(dtype)
-            x = x + skip_w * skips.pop()
-        x = layer_step(spec, p, layer, x, x0, dtype, prev_out, ve)
-        if layer < spec.num_encoder_layers:
-            skips.append(x)
-        if layer in spec.loop_ends:
-            states.append(x)
+    outs: list = []
+    hidden_states(spec, p, tokens, dtype, collect=outs)  # the trained loops: the model's own forward pass
+    states = [outs[layer] for layer in sorted(spec.loop_ends)]
+    x0, ve = input_features(spec, p, tokens, dtype)
+    prev_out = {b: outs[layer] for layer, b in enumerate(spec.layer_plan)}  # each block's latest output
+    x = outs[-1]
     for _ in range(total_loops - r):  # the last loop's layers again: their rows, no U-Net skips (all consumed)
         for layer in range(spec.num_layers - k, spec.num_layers):
             x = layer_step(spec, p, layer, x, x0, dtype, prev_out, ve)

@@ -2,7 +2,7 @@
 as the export quantizes them (core.fakequant's plan over core.quant's schemes), so the QAT forward is the
 exported artifact's forward.
 
-Mirror of backend_torch/qat.py. Each weight w becomes
+Mirror of the PyTorch backend's qat.py. Each weight w becomes
 
     w_eff = stop_gradient(dequant(quant(w))) + (w - stop_gradient(w))
 

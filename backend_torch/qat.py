@@ -2,7 +2,7 @@
 tensor as the export quantizes them (core.fakequant's plan over core.quant's schemes), so the QAT forward
 is the exported artifact's forward.
 
-Mirror of backend_mlx/qat.py. Each weight w becomes
+Mirror of the MLX backend's qat.py. Each weight w becomes
 
     w_eff = dequant(quant(w)).detach() + (w - w.detach())
 
