@@ -50,9 +50,10 @@ _MAX_META_BYTES = 16 << 20
 # Every other key (and any key added later) must match. The data is compared by its train shards.
 RESUME_FREE = {
     "train": {"val_every", "val_batch_tokens", "val_max_tokens", "log_every", "warmup_steps",
-              "checkpoint_every", "keep_checkpoints"},
+              "checkpoint_every", "keep_checkpoints", "compile"},
     "data": {"path", "dataset", "tokenizer"},
-    "artifact": {"scheme", "codec", "level"},
+    "artifact": {"scheme", "codec", "level"},  # the scheme only while QAT is off: see config_differences
+    "eval": {"stride", "seq_len", "batch_seqs", "hedge", "hedge_eta"},  # scoring only, after training
 }
 
 
@@ -416,7 +417,9 @@ def config_differences(meta: dict, cfg: RunConfig) -> list[str]:
     for section, table in now.items():
         saved = meta["config"].get(section, {})
         for key, value in table.items():
-            if key in RESUME_FREE.get(section, ()):
+            # A QAT run trains against its scheme: a new one would change the rest of the run's training.
+            trains_against = section == "artifact" and key == "scheme" and saved.get("qat", "off") != "off"
+            if key in RESUME_FREE.get(section, ()) and not trains_against:
                 continue
             old = saved.get(key, _default(section, key))  # a key added since the checkpoint: its default
             if old != value:

@@ -117,7 +117,7 @@ class ArtifactConfig:
         int8_search), with Hessians collected on `gptq_batches` fresh training batches (never validation
         data); upstream int8 and fp16 tensors are stored as without it. gptq_damp: damping, a fraction of the
         Hessian's mean diagonal; gptq_block: columns per lazy batch update. The header records the settings.
-    qat: quantization-aware training against this scheme (rules included): "off", "start" (from step 0)
+    qat: quantization-aware training against this scheme (rules included): "off", "start" (from the first step)
         or "late" (from the first step whose LR scale is below qat_lr_threshold, as #1110 at 0.15). The
         trained forward then uses the weights as the artifact will hold them (straight-through gradient;
         round to nearest: GPTQ's solve needs Hessians, so with gptq QAT fakes the plain rounding), and

@@ -161,6 +161,21 @@ def test_resume_picks_the_newest_and_refuses_other_configs(tmp_path, shards):
         ck.resolve_resume(out, CFG, shards[:1])
 
 
+def test_resume_may_change_the_scheme_and_eval_keys_but_not_a_qat_runs_scheme(tmp_path, shards):
+    def cfg(artifact, eval_table=None, **train):
+        return config_from_dict({"model": MODEL, "train": {**TRAIN, **train}, "artifact": artifact,
+                                 "eval": eval_table or {}})
+
+    plain, qat = cfg({"scheme": "int8"}), cfg({"scheme": "int8", "qat": "late"})
+    for run, saved in (("plain", plain), ("qat", qat)):
+        write(tmp_path / run / ck.DIR_NAME, 4, shards, cfg=saved)
+    changed = cfg({"scheme": "int6"}, {"stride": 8, "hedge": True}, compile="on")
+    assert ck.resolve_resume(tmp_path / "plain", changed, shards).name.endswith("4")
+    assert ck.resolve_resume(tmp_path / "qat", cfg({"scheme": "int8", "qat": "late"}, {"stride": 8}), shards)
+    with pytest.raises(UserError, match=r"artifact\.scheme \(checkpoint 'int8', now 'int6'\)"):
+        ck.resolve_resume(tmp_path / "qat", cfg({"scheme": "int6", "qat": "late"}), shards)
+
+
 def test_resume_without_a_checkpoint_and_a_fresh_run_over_one_are_refused(tmp_path, shards):
     with pytest.raises(UserError, match="no complete checkpoint"):
         ck.resolve_resume(tmp_path / "empty", CFG, shards)
