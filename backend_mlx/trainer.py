@@ -35,6 +35,8 @@ class MLXTrainer:
         self._update_fn = make_update(spec, optim)
         self._update = mx.compile(self._update_fn)
         self._qat = None  # (plan, noise) while QAT is on: see set_qat
+        self._qat_settings: dict = {}  # (scheme, noise) -> (plan, noise), each built once
+        self._eval_fns: dict = {}  # (kind, layers) -> eval function, built on first use
         self._average = None  # the EMA, on the device: see average_update
         self._depth_variants: dict[int, tuple] = {}  # layers -> (fused, grad, loss_sum), compiled per depth
         self.set_depth(spec.num_layers)
@@ -71,7 +73,7 @@ class MLXTrainer:
         """Train and evaluate through straight-through fake quantization for `scheme` (None: off). Each
         setting compiles once and is kept, so a late switch costs one extra compile, not one per step."""
         key = (scheme, noise)
-        plans = vars(self).setdefault("_qat_settings", {})
+        plans = self._qat_settings
         if scheme is not None and key not in plans:
             shapes = {k: tuple(v.shape) for k, v in self.params.items()}
             plans[key] = (fake_quant_plan(shapes, scheme), noise)
@@ -128,7 +130,7 @@ class MLXTrainer:
 
     def _eval_fn(self, kind: str, make):
         """An eval function for the active depth, built (and compiled) on first use."""
-        cache, layers = vars(self).setdefault("_eval_fns", {}), getattr(self, "layers", self.spec.num_layers)
+        cache, layers = self._eval_fns, self.layers
         if (kind, layers) not in cache:
             cache[kind, layers] = make(truncated_spec(self.spec, layers), self.dtype)
         return cache[kind, layers]
