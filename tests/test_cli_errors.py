@@ -108,3 +108,17 @@ def test_writing_over_a_directory_is_a_user_error_and_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match="is a directory; expected a file path"):
         atomic_write_text(target, "x")
     assert list(tmp_path.iterdir()) == [target] and not list(target.iterdir())
+
+
+@pytest.mark.parametrize("argv,code,stream", [(["--help"], 0, "out"), (["train"], 2, "err")], ids=["help", "error"])
+def test_the_console_script_prints_help_and_argparse_errors_once(monkeypatch, capsys, argv, code, stream):
+    """console_main parses once to decide on the OpenBLAS re-exec, then main parses again: only one may print."""
+    from tools.cli import console_main
+
+    monkeypatch.setenv("LOOPGOLF_NO_OPENBLAS", "1")
+    monkeypatch.setattr("sys.argv", ["loopgolf", *argv])
+    with pytest.raises(SystemExit) as stop:
+        console_main()
+    assert stop.value.code == code
+    printed = getattr(capsys.readouterr(), stream)
+    assert printed.count("usage: loopgolf") == 1, printed

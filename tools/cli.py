@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
 
 from core.errors import UserError
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _will_use_mlx(argv: list[str]) -> bool:
+    # A silent pre-parse: main() parses again after any re-exec, and only that parse may print help or errors.
     try:
-        args, _ = build_parser().parse_known_args(argv)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args, _ = build_parser().parse_known_args(argv)
     except SystemExit:
         return False
     if args.command == "parity":
