@@ -77,6 +77,23 @@ def test_eval_of_the_weights_with_torch(run, demo_data, tmp_path, capsys):
     assert r["sliding_val_bpb"] == pytest.approx(final["sliding_val_bpb"], rel=0.05)
 
 
+def test_eval_defaults_to_the_runs_own_seq_len(run, demo_data, tmp_path, capsys):
+    """Without --seq-len, an artifact in its run directory is scored at the run's train.seq_len (64 here), and
+    one with no config.toml beside it at upstream's 1024, saying so."""
+    out, final = run
+    common = ["--data", str(demo_data), "--backend", "mlx", "--max-tokens", str(VAL_TARGETS), "--no-progress"]
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--artifact", str(out / "model.int8-zlib.art"), *common, "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["seq_len"] == 64
+    assert f"seq_len:64 (train.seq_len of {out / 'config.toml'})" in capsys.readouterr().out
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "a.art").write_bytes((out / "model.int8-zlib.art").read_bytes())
+    assert main(["eval", "--artifact", str(alone / "a.art"), *common, "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["seq_len"] == 1024
+    assert f"seq_len:1024 (default; no {alone / 'config.toml'}" in capsys.readouterr().out
+
+
 def one_error_line(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

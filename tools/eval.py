@@ -23,6 +23,9 @@ from core.spec import ModelSpec
 from tools.eval_depth import add_arguments as add_depth_arguments, run_depth_eval, wants_depth_eval
 
 
+FALLBACK_SEQ_LEN = 1024  # upstream's, for a file with no run config beside it
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="val_bpb of saved weights or an artifact: standard, sliding-window, Hedge")
     src = p.add_mutually_exclusive_group(required=True)
@@ -31,8 +34,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="a loopgolf artifact, evaluated dequantized (the round trip the challenge counts)")
     p.add_argument("--data", required=True, help="data root with manifest.json, or a dataset directory")
     p.add_argument("--dataset", help="the manifest's dataset name (default: the only one)")
-    p.add_argument("--seq-len", type=int, default=1024, metavar="L",
-                   help="window length of both evals (default 1024; need not be training's)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="L",
+                   help="window length of both evals (default: the run's train.seq_len, from the config.toml "
+                        f"beside the file, else {FALLBACK_SEQ_LEN}; need not be training's)")
     p.add_argument("--stride", type=int, default=0, metavar="S",
                    help="also run the sliding-window eval, scoring S new tokens per window (e.g. 64; <= L)")
     p.add_argument("--batch-seqs", type=int, default=32, metavar="N", help="windows per forward (default 32)")
@@ -52,6 +56,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="progress on stderr (default: a bar on a terminal, else a line every 10%%)")
     add_depth_arguments(p)
     return p
+
+
+def resolve_seq_len(args) -> str:
+    """Fill in args.seq_len when --seq-len is not given: the run's own train.seq_len from RUN_DIR/config.toml
+    beside the weights or artifact (a model scores worst past the length it trained at), else upstream's
+    1024. Returns where the number came from, for the report."""
+    if args.seq_len is not None:
+        return "--seq-len"
+    from core.config import load_config
+
+    config = Path(args.weights or args.artifact).parent / "config.toml"
+    if not config.is_file():
+        args.seq_len = FALLBACK_SEQ_LEN
+        return f"default; no {config} to take the run's train.seq_len from"
+    args.seq_len = load_config(config).train.seq_len
+    return f"train.seq_len of {config}"
 
 
 def check_args(args) -> None:
@@ -164,6 +184,7 @@ def run_eval(args) -> int:
     from core.config import OptimConfig, TrainConfig
     from tools.backends import build_backend, resolve_backend
 
+    seq_len_from = resolve_seq_len(args)
     check_args(args)
     backend_name = resolve_backend(args.backend)
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else (args.nproc or 1)
@@ -181,13 +202,13 @@ def run_eval(args) -> int:
     train = TrainConfig(seq_len=L, batch_tokens=L, val_batch_tokens=L, compute_dtype=args.dtype)
     backend = build_backend(backend_name, spec, weights, train, OptimConfig())
     try:
-        return _evaluate_and_report(args, backend, spec, source, data, luts, tokens)
+        return _evaluate_and_report(args, backend, spec, source, data, luts, tokens, seq_len_from)
     finally:
         if hasattr(backend, "close"):
             backend.close()
 
 
-def _evaluate_and_report(args, backend, spec, source, data, luts, tokens) -> int:
+def _evaluate_and_report(args, backend, spec, source, data, luts, tokens, seq_len_from: str) -> int:
     from core.atomic import atomic_write_text
     from core.loop import evaluate
     from core.sliding import sliding_eval
@@ -195,7 +216,7 @@ def _evaluate_and_report(args, backend, spec, source, data, luts, tokens) -> int
     L, rank0 = args.seq_len, backend.rank == 0
     say = (lambda text: print(text, flush=True)) if rank0 else (lambda text: None)  # noqa: E731
     say(f"model: {spec.describe()} from {source}")
-    say(f"data: {data.dataset_dir} val_targets:{len(tokens) - 1} seq_len:{L} backend:{backend.name} "
+    say(f"data: {data.dataset_dir} val_targets:{len(tokens) - 1} seq_len:{L} ({seq_len_from}) backend:{backend.name} "
         f"device:{backend.device} world_size:{backend.world_size}")
     record = {"source": source, "spec": spec.to_dict(), "data": str(data.dataset_dir), "targets": len(tokens) - 1,
               "seq_len": L, "backend": backend.name, "device": backend.device, "world_size": backend.world_size}
