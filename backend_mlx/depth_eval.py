@@ -19,10 +19,10 @@ def loop_states(spec: ModelSpec, p: dict, tokens: mx.array, total_loops: int, dt
     """The residual stream (before the final norm) at the end of loops 1..total_loops."""
     k, r = require_cyclic(spec, "eval-time extra loops")
     outs: list = []
-    hidden_states(spec, p, tokens, dtype, collect=outs)  # the trained loops: the model's own forward pass
+    prev_out: dict = {}  # each block's latest output and layer 0's values, as the trained loops left them
+    hidden_states(spec, p, tokens, dtype, collect=outs, prev_out=prev_out)  # the trained loops: the model's own
     states = [outs[layer] for layer in sorted(spec.loop_ends)]
     x0, ve = input_features(spec, p, tokens, dtype)
-    prev_out = {b: outs[layer] for layer, b in enumerate(spec.layer_plan)}  # each block's latest output
     x = outs[-1]
     for _ in range(total_loops - r):  # the last loop's layers again: their rows, no U-Net skips (all consumed)
         for layer in range(spec.num_layers - k, spec.num_layers):

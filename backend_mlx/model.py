@@ -39,7 +39,10 @@ def xsa(y: mx.array, v: mx.array) -> mx.array:
     return y.reshape(batch, heads, seq, hd)
 
 
-def attention(spec: ModelSpec, p: dict, prefix: str, x: mx.array, use_xsa: bool = False) -> mx.array:
+def attention(spec: ModelSpec, p: dict, prefix: str, x: mx.array, use_xsa: bool = False,
+              v_embed: mx.array | None = None, v_residual: mx.array | None = None, v_first: dict | None = None) -> mx.array:
+    """Causal self-attention. v_embed and v_residual are added to the values (#1110's VE and VRL, core.spec's
+    seed parts); v_first, if given, receives the raw values under "v0" (layer 0's, for VRL)."""
     batch, seq, _ = x.shape
     if spec.q_rank:
         q = linear(linear(x, p[prefix + "c_q_down.weight"]), p[prefix + "c_q_up.weight"])
@@ -47,7 +50,14 @@ def attention(spec: ModelSpec, p: dict, prefix: str, x: mx.array, use_xsa: bool 
         q = linear(x, p[prefix + "c_q.weight"])
     q = q.reshape(batch, seq, spec.num_heads, spec.head_dim)
     k = linear(x, p[prefix + "c_k.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
-    v = linear(x, p[prefix + "c_v.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
+    v = linear(x, p[prefix + "c_v.weight"])
+    if v_first is not None:
+        v_first["v0"] = v
+    if v_embed is not None:
+        v = v + v_embed
+    if v_residual is not None:
+        v = v + v_residual
+    v = v.reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (batch, heads, seq, head_dim)
     q = rotary(rms_norm(q, spec.norm_eps), spec)
     k = rotary(rms_norm(k, spec.norm_eps), spec)
@@ -65,9 +75,11 @@ def mlp(p: dict, prefix: str, x: mx.array, activation: str = "relu2") -> mx.arra
     return linear(h * h, p[prefix + "proj.weight"])
 
 
-def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: int | None = None) -> mx.array:
+def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: int | None = None,
+          v_embed: mx.array | None = None, v_residual: mx.array | None = None, v_first: dict | None = None) -> mx.array:
     """Block b on x. With spec.per_layer_scales, effective layer `layer`'s scales and resid_mix replace the
-    block's own."""
+    block's own; with spec.ln_scale its normed inputs are scaled by 1/sqrt(b + 1). The v_* arguments go to
+    attention."""
     prefix = f"blocks.{b}."
     if spec.per_layer_scales:
         mix = p["layer_resid_mixes"][layer].astype(x.dtype)
@@ -77,8 +89,14 @@ def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: in
         attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
     use_xsa = layer is not None and spec.uses_xsa(layer)
-    x = x + attn_scale.astype(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps), use_xsa)
-    x = x + mlp_scale.astype(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps), spec.mlp_activation)
+    h = rms_norm(x, spec.norm_eps)
+    if spec.ln_scale:
+        h = h * spec.ln_scale_factor(b)
+    x = x + attn_scale.astype(x.dtype) * attention(spec, p, prefix + "attn.", h, use_xsa, v_embed, v_residual, v_first)
+    h = rms_norm(x, spec.norm_eps)
+    if spec.ln_scale:
+        h = h * spec.ln_scale_factor(b)
+    x = x + mlp_scale.astype(x.dtype) * mlp(p, prefix + "mlp.", h, spec.mlp_activation)
     return x
 
 
@@ -86,8 +104,9 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, 
                prev_out: dict | None = None, ve: list | None = None) -> mx.array:
     """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
     switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller.
-    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated;
-    `ve` holds the value-embedding lookups of the batch (value_embeds, from `input_features`)."""
+    `prev_out` carries state across layers and is updated: each block's layer output at its previous use
+    (cross_repeat_skips) and, under "v0", layer 0's values (value_residual). `ve` holds the batch's value-
+    embedding lookups from `input_features` (the value_embeds tables, then the shared VE of ve_layers)."""
     if spec.loop_embeds and layer in spec.loop_starts:
         x = x + p["loop_embeds"][spec.loop_index[layer]].astype(dtype)
     h_in = x
@@ -100,15 +119,22 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: mx.array, x0: mx.array, 
     b, r = spec.layer_plan[layer], spec.loop_index[layer]
     if spec.cross_repeat_skips and r > 0:
         h_in = h_in + p["cross_repeat_scales"][b, r - 1].astype(dtype) * prev_out[b]
-    out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer)
+    v_embed = v_residual = v_first = None
+    if spec.ve_layers and layer in spec.ve_layer_list:
+        v_embed = p["ve_layer_scales"][spec.ve_layer_list.index(layer)].astype(dtype) * ve[-1]
+    if spec.value_residual and layer > 0:
+        v_residual = mx.sigmoid(p["vrl_alphas"][layer - 1].astype(dtype)) * prev_out["v0"]
+    if spec.value_residual and layer == 0:
+        v_first = prev_out
+    out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer, v_embed, v_residual, v_first)
     if spec.iter_scales:
         out = h_in + (out - h_in) * p["iter_scales"][layer].astype(dtype)
     if spec.layer_gains:
         x = x + p["layer_out_gains"][layer].astype(dtype) * (out - h_in)
     else:
         x = out
-    if spec.loop_gates and layer in spec.loop_ends:
-        g = p["loop_gates"][spec.loop_index[layer]].astype(dtype)
+    if spec.loop_gates and spec.loop_gate_index(layer) is not None:
+        g = p["loop_gates"][spec.loop_gate_index(layer)].astype(dtype)
         x = g * x + (1 - g) * x0
     if spec.cross_repeat_skips:
         prev_out[b] = x
@@ -124,10 +150,19 @@ def bigram_hash(spec: ModelSpec, tokens: mx.array) -> mx.array:
     return mx.concatenate([mx.full((t.shape[0], 1), mod, mx.int64), h], axis=1)
 
 
+def bigram_table_index(spec: ModelSpec, tokens: mx.array) -> mx.array:
+    """#470's row of (previous, current) token: (prev * 1619 + cur) mod bigram_table_size, prev = 0 at position 0."""
+    t = tokens.astype(mx.int64)
+    prev = mx.concatenate([mx.zeros_like(t[:, :1]), t[:, :-1]], axis=1)
+    return mx.remainder(prev * 1619 + t, spec.bigram_table_size)
+
+
 def input_features(spec: ModelSpec, p: dict, tokens: mx.array, dtype) -> tuple[mx.array, list]:
     """(x0, value-embedding lookups): the normed embedding with the input variants the spec switches on
-    (BigramHash before the norm, SmearGate after it; core.spec.ModelSpec's variant notes)."""
+    (the bigram tables before the norm, SmearGate after it; core.spec.ModelSpec's variant notes and seed parts)."""
     x = p["tok_emb.weight"][tokens]
+    if spec.bigram_table_size:
+        x = x + p["bigram_emb.weight"][bigram_table_index(spec, tokens)]
     if spec.bigram_buckets:
         h = p["bigram.embed.weight"][bigram_hash(spec, tokens)]
         if spec.bigram_dim != spec.model_dim:
@@ -138,16 +173,23 @@ def input_features(spec: ModelSpec, p: dict, tokens: mx.array, dtype) -> tuple[m
         prev = mx.concatenate([mx.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
         x = x + p["smear.gate"].astype(dtype) * (prev - x)
     ve = [p[f"value_embeds.{e}.weight"][tokens].astype(dtype) for e in range(spec.value_embeds)]
+    if spec.ve_layers:
+        h = p["ve_shared.embed.weight"][tokens].astype(dtype)
+        if spec.ve_dim != spec.kv_dim:
+            h = linear(h, p["ve_shared.proj.weight"])
+        ve.append(h * p["ve_shared.scale"].astype(dtype))
     return x, ve
 
 
 def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32,
-                  collect: list | None = None) -> mx.array:
+                  collect: list | None = None, prev_out: dict | None = None) -> mx.array:
     """Final-normed hidden states (batch, seq, dim). U-Net skips (if spec.unet_skips) run over effective layers.
-    `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
+    `collect`, if given, receives each effective layer's output (before the final norm), for parity;
+    `prev_out`, the state carried across layers (layer_step), for eval-time extra loops to continue from."""
     x, ve = input_features(spec, p, tokens, dtype)
     x0 = x
-    skips, prev_out = [], {}
+    skips = []
+    prev_out = {} if prev_out is None else prev_out
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].astype(dtype)

@@ -47,7 +47,10 @@ def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.reshape(batch, heads, seq, hd)
 
 
-def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor, use_xsa: bool = False) -> torch.Tensor:
+def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor, use_xsa: bool = False,
+              v_embed: torch.Tensor | None = None, v_residual: torch.Tensor | None = None, v_first: dict | None = None) -> torch.Tensor:
+    """Causal self-attention. v_embed and v_residual are added to the values (#1110's VE and VRL, core.spec's
+    seed parts); v_first, if given, receives the raw values under "v0" (layer 0's, for VRL)."""
     batch, seq, _ = x.shape
     if spec.q_rank:
         q = linear(linear(x, p[prefix + "c_q_down.weight"]), p[prefix + "c_q_up.weight"])
@@ -55,7 +58,14 @@ def attention(spec: ModelSpec, p: dict, prefix: str, x: torch.Tensor, use_xsa: b
         q = linear(x, p[prefix + "c_q.weight"])
     q = q.reshape(batch, seq, spec.num_heads, spec.head_dim)
     k = linear(x, p[prefix + "c_k.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
-    v = linear(x, p[prefix + "c_v.weight"]).reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
+    v = linear(x, p[prefix + "c_v.weight"])
+    if v_first is not None:
+        v_first["v0"] = v
+    if v_embed is not None:
+        v = v + v_embed
+    if v_residual is not None:
+        v = v + v_residual
+    v = v.reshape(batch, seq, spec.num_kv_heads, spec.head_dim)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
     q = rotary(rms_norm(q, spec.norm_eps), spec)
     k = rotary(rms_norm(k, spec.norm_eps), spec)
@@ -74,9 +84,11 @@ def mlp(p: dict, prefix: str, x: torch.Tensor, activation: str = "relu2") -> tor
     return linear(h * h, p[prefix + "proj.weight"])
 
 
-def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, layer: int | None = None,
+          v_embed: torch.Tensor | None = None, v_residual: torch.Tensor | None = None, v_first: dict | None = None) -> torch.Tensor:
     """Block b on x. With spec.per_layer_scales, effective layer `layer`'s scales and resid_mix replace the
-    block's own."""
+    block's own; with spec.ln_scale its normed inputs are scaled by 1/sqrt(b + 1). The v_* arguments go to
+    attention."""
     prefix = f"blocks.{b}."
     if spec.per_layer_scales:
         mix = p["layer_resid_mixes"][layer].to(x.dtype)
@@ -86,8 +98,14 @@ def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, l
         attn_scale, mlp_scale = p[prefix + "attn_scale"], p[prefix + "mlp_scale"]
     x = mix[0] * x + mix[1] * x0
     use_xsa = layer is not None and spec.uses_xsa(layer)
-    x = x + attn_scale.to(x.dtype) * attention(spec, p, prefix + "attn.", rms_norm(x, spec.norm_eps), use_xsa)
-    x = x + mlp_scale.to(x.dtype) * mlp(p, prefix + "mlp.", rms_norm(x, spec.norm_eps), spec.mlp_activation)
+    h = rms_norm(x, spec.norm_eps)
+    if spec.ln_scale:
+        h = h * spec.ln_scale_factor(b)
+    x = x + attn_scale.to(x.dtype) * attention(spec, p, prefix + "attn.", h, use_xsa, v_embed, v_residual, v_first)
+    h = rms_norm(x, spec.norm_eps)
+    if spec.ln_scale:
+        h = h * spec.ln_scale_factor(b)
+    x = x + mlp_scale.to(x.dtype) * mlp(p, prefix + "mlp.", h, spec.mlp_activation)
     return x
 
 
@@ -95,8 +113,9 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.
                prev_out: dict | None = None, ve: list | None = None) -> torch.Tensor:
     """Effective layer `layer` on the residual stream x, with the per-iteration conditioning the spec
     switches on (core.spec.ModelSpec gives the forward pass); the U-Net skip is added by the caller.
-    `prev_out` maps each block to the layer output at its previous use (cross_repeat_skips), and is updated;
-    `ve` holds the value-embedding lookups of the batch (value_embeds, from `input_features`)."""
+    `prev_out` carries state across layers and is updated: each block's layer output at its previous use
+    (cross_repeat_skips) and, under "v0", layer 0's values (value_residual). `ve` holds the batch's value-
+    embedding lookups from `input_features` (the value_embeds tables, then the shared VE of ve_layers)."""
     if spec.loop_embeds and layer in spec.loop_starts:
         x = x + p["loop_embeds"][spec.loop_index[layer]].to(dtype)
     h_in = x
@@ -109,15 +128,22 @@ def layer_step(spec: ModelSpec, p: dict, layer: int, x: torch.Tensor, x0: torch.
     b, r = spec.layer_plan[layer], spec.loop_index[layer]
     if spec.cross_repeat_skips and r > 0:
         h_in = h_in + p["cross_repeat_scales"][b, r - 1].to(dtype) * prev_out[b]
-    out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer)
+    v_embed = v_residual = v_first = None
+    if spec.ve_layers and layer in spec.ve_layer_list:
+        v_embed = p["ve_layer_scales"][spec.ve_layer_list.index(layer)].to(dtype) * ve[-1]
+    if spec.value_residual and layer > 0:
+        v_residual = torch.sigmoid(p["vrl_alphas"][layer - 1].to(dtype)) * prev_out["v0"]
+    if spec.value_residual and layer == 0:
+        v_first = prev_out
+    out = block(spec, p, spec.layer_plan[layer], h_in, x0, layer, v_embed, v_residual, v_first)
     if spec.iter_scales:
         out = h_in + (out - h_in) * p["iter_scales"][layer].to(dtype)
     if spec.layer_gains:
         x = x + p["layer_out_gains"][layer].to(dtype) * (out - h_in)
     else:
         x = out
-    if spec.loop_gates and layer in spec.loop_ends:
-        g = p["loop_gates"][spec.loop_index[layer]].to(dtype)
+    if spec.loop_gates and spec.loop_gate_index(layer) is not None:
+        g = p["loop_gates"][spec.loop_gate_index(layer)].to(dtype)
         x = g * x + (1 - g) * x0
     if spec.cross_repeat_skips:
         prev_out[b] = x
@@ -133,10 +159,19 @@ def bigram_hash(spec: ModelSpec, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full_like(t[:, :1], mod), h], dim=1)
 
 
+def bigram_table_index(spec: ModelSpec, tokens: torch.Tensor) -> torch.Tensor:
+    """#470's row of (previous, current) token: (prev * 1619 + cur) mod bigram_table_size, prev = 0 at position 0."""
+    t = tokens.to(torch.int64)
+    prev = torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1)
+    return torch.remainder(prev * 1619 + t, spec.bigram_table_size)
+
+
 def input_features(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype) -> tuple[torch.Tensor, list]:
     """(x0, value-embedding lookups): the normed embedding with the input variants the spec switches on
-    (BigramHash before the norm, SmearGate after it; core.spec.ModelSpec's variant notes)."""
+    (the bigram tables before the norm, SmearGate after it; core.spec.ModelSpec's variant notes and seed parts)."""
     x = F.embedding(tokens, p["tok_emb.weight"])
+    if spec.bigram_table_size:
+        x = x + F.embedding(bigram_table_index(spec, tokens), p["bigram_emb.weight"])
     if spec.bigram_buckets:
         h = F.embedding(bigram_hash(spec, tokens), p["bigram.embed.weight"])
         if spec.bigram_dim != spec.model_dim:
@@ -147,16 +182,23 @@ def input_features(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype) -> tup
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
         x = x + p["smear.gate"].to(dtype) * (prev - x)
     ve = [F.embedding(tokens, p[f"value_embeds.{e}.weight"]).to(dtype) for e in range(spec.value_embeds)]
+    if spec.ve_layers:
+        h = F.embedding(tokens, p["ve_shared.embed.weight"]).to(dtype)
+        if spec.ve_dim != spec.kv_dim:
+            h = linear(h, p["ve_shared.proj.weight"])
+        ve.append(h * p["ve_shared.scale"].to(dtype))
     return x, ve
 
 
 def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32,
-                  collect: list | None = None) -> torch.Tensor:
+                  collect: list | None = None, prev_out: dict | None = None) -> torch.Tensor:
     """Final-normed hidden states (batch, seq, dim). U-Net skips (if spec.unet_skips) run over effective layers.
-    `collect`, if given, receives each effective layer's output (before the final norm), for parity."""
+    `collect`, if given, receives each effective layer's output (before the final norm), for parity;
+    `prev_out`, the state carried across layers (layer_step), for eval-time extra loops to continue from."""
     x, ve = input_features(spec, p, tokens, dtype)
     x0 = x
-    skips, prev_out = [], {}
+    skips = []
+    prev_out = {} if prev_out is None else prev_out
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].to(dtype)

@@ -56,13 +56,18 @@ def require_cyclic(spec: ModelSpec, what: str) -> tuple[int, int]:
 
 def truncated_spec(spec: ModelSpec, layers: int) -> ModelSpec:
     """The spec of the first `layers` effective layers. Cross-repeat skips need a second loop, so with one
-    loop they are off (the term is zero for the first loop anyway)."""
+    loop they are off (the term is zero for the first loop anyway), as are #319's gates (none after the first
+    loop); VE runs at the layers the truncated plan still has."""
     if layers == spec.num_layers:
         return spec
     plan = spec.layer_plan[:layers]
     changes: dict = {"layer_plan": plan, "num_layers": layers}
     if spec.cross_repeat_skips and len(set(plan)) == len(plan):
         changes["cross_repeat_skips"] = False
+    if spec.loop_gate_style == "seed319" and len(set(plan)) == len(plan):  # #319 gates no first loop
+        changes.update(loop_gates=False, loop_gate_style="every_loop")
+    if spec.ve_layers:  # VE at the layers the truncated plan still has (the leading rows of ve_layer_scales)
+        changes["ve_layers"] = ",".join(str(i) for i in spec.ve_layer_list if i < layers)
     try:
         return dataclasses.replace(spec, **changes)
     except UserError as e:

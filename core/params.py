@@ -23,9 +23,9 @@ GROUPS = (MATRIX, SCALAR, EMBED, HEAD)
 class ParamInfo:
     name: str
     shape: tuple[int, ...]
-    init: str  # "normal", "uniform_fan_in", "zeros", "ones", "const", "resid_mix"
+    init: str  # "normal", "uniform_fan_in", "orthogonal", "zeros", "ones", "const", "resid_mix"
     group: str
-    value: float = 0.0  # std for "normal", the constant for "const"
+    value: float = 0.0  # std for "normal", the constant for "const", the gain for "orthogonal", x0's share for "resid_mix"
     block: int | None = None  # unique block index, for per-block parameters
 
     @property
@@ -52,6 +52,14 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
         table.append(ParamInfo("smear.gate", (d,), "zeros", SCALAR))
     for e in range(spec.value_embeds):  # #895: nn.Embedding's default N(0, 1), Adam's embedding group
         table.append(ParamInfo(f"value_embeds.{e}.weight", (v, d), "normal", EMBED, 1.0))
+    if spec.bigram_table_size:  # #470: zero-initialised, trained with the embedding (its token group)
+        table.append(ParamInfo("bigram_emb.weight", (spec.bigram_table_size, d), "zeros", EMBED))
+    if spec.ve_layers:  # #1110's ValueEmbedding: table N(0, 0.01), projection 0, scale 0.1; one scale per layer
+        table.append(ParamInfo("ve_shared.embed.weight", (v, spec.ve_dim), "normal", EMBED, 0.01))
+        if spec.ve_dim != spec.kv_dim:
+            table.append(ParamInfo("ve_shared.proj.weight", (spec.kv_dim, spec.ve_dim), "zeros", MATRIX))
+        table.append(ParamInfo("ve_shared.scale", (1,), "const", SCALAR, 0.1))
+        table.append(ParamInfo("ve_layer_scales", (len(spec.ve_layer_list),), "ones", SCALAR))
     L, R = spec.num_layers, spec.num_loops
     for b in range(spec.num_blocks):
         p = f"blocks.{b}."
@@ -69,7 +77,8 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
             ParamInfo(p + "mlp.proj.weight", (d, spec.mlp_width), "zeros", MATRIX, block=b),
             ParamInfo(p + "attn_scale", (d,), "ones", SCALAR, block=b),
             ParamInfo(p + "mlp_scale", (d,), "ones", SCALAR, block=b),
-            ParamInfo(p + "resid_mix", (2, d), "resid_mix", SCALAR, block=b),
+            ParamInfo(p + "resid_mix", (2, d), "resid_mix", SCALAR,
+                      1.0 - spec.resid_mix_phase_of(b) if spec.resid_mix_phase else 0.0, block=b),
         ]
         if spec.per_layer_scales:  # replaced by the per-effective-layer copies below
             block = [i for i in block if not i.name.endswith(("attn_scale", "mlp_scale", "resid_mix"))]
@@ -92,15 +101,34 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
         table.append(ParamInfo("iter_scales", (L, d), "ones", SCALAR))
     if spec.layer_gains:
         table += [ParamInfo("layer_in_gains", (L,), "ones", SCALAR), ParamInfo("layer_out_gains", (L,), "ones", SCALAR)]
-    if spec.loop_gates:
-        table.append(ParamInfo("loop_gates", (R,), "const", SCALAR, spec.loop_gate_init))
+    if spec.loop_gates:  # #319's own gating ("seed319"): no gate after the first loop, the rest at 1/num_loops
+        init = 1.0 / R if spec.loop_gate_style == "seed319" else spec.loop_gate_init
+        table.append(ParamInfo("loop_gates", (spec.num_loop_gates,), "const", SCALAR, init))
+    if spec.value_residual:  # #1110's VRL: one alpha per layer after the first, sigmoid(0) = 1/2 of v0
+        table.append(ParamInfo("vrl_alphas", (L - 1,), "zeros", SCALAR))
     if spec.cross_repeat_skips:
         table.append(ParamInfo("cross_repeat_scales", (spec.num_blocks, R - 1, d), "zeros", SCALAR))
     if spec.num_skip_weights:
         table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
     if not spec.tie_embeddings:
         table.append(ParamInfo("lm_head.weight", (v, d), "zeros", HEAD))
+    if spec.ortho_init:
+        table = [_orthogonal(info, spec) for info in table]
     return table
+
+
+# Upstream's _zero_init matrices: ortho_init leaves them at zero (#1110).
+ZERO_INIT_SUFFIXES = ("attn.proj.weight", "mlp.proj.weight")
+
+
+def _orthogonal(info: ParamInfo, spec: ModelSpec) -> ParamInfo:
+    """#1110's _init_weights: every linear of at least 64 x 64 that upstream does not zero-initialise starts
+    orthogonal (its bigram and VE projections too, though their modules zero them first), and those whose
+    module is named '.proj' are then scaled by 1/sqrt(2 num_blocks)."""
+    if info.group != MATRIX or min(info.shape) < 64 or info.name.endswith(ZERO_INIT_SUFFIXES):
+        return info
+    gain = 1.0 / np.sqrt(2 * spec.num_blocks) if ".proj." in info.name else 1.0
+    return dataclasses.replace(info, init="orthogonal", value=float(gain))
 
 
 def _rng_for(seed: int, name: str) -> np.random.Generator:
@@ -117,6 +145,13 @@ def init_tensor(info: ParamInfo, seed: int) -> np.ndarray:
         # PyTorch's default Linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / np.sqrt(shape[1])
         return _rng_for(seed, info.name).uniform(-bound, bound, shape).astype(np.float32)
+    if info.init == "orthogonal":
+        # nn.init.orthogonal_: QR of a normal matrix (of its transpose when wide), signs fixed by R's diagonal.
+        rows, cols = shape
+        a = _rng_for(seed, info.name).normal(0.0, 1.0, (max(rows, cols), min(rows, cols)))
+        q, r = np.linalg.qr(a)
+        q = q * np.sign(np.diag(r))
+        return (info.value * (q if rows >= cols else q.T)).astype(np.float32)
     if info.init == "zeros":
         return np.zeros(shape, np.float32)
     if info.init == "ones":
@@ -125,9 +160,10 @@ def init_tensor(info: ParamInfo, seed: int) -> np.ndarray:
         return np.full(shape, info.value, np.float32)
     if info.init == "resid_mix":
         # [1, 0] along the second-to-last axis ((2, d) per block, (L, 2, d) per layer): the block starts
-        # reading only its input x, none of x0.
+        # reading only its input x, none of x0; `value` moves that share to x0 (resid_mix_phase).
         out = np.zeros(shape, np.float32)
-        out[..., 0, :] = 1.0
+        out[..., 0, :] = 1.0 - info.value
+        out[..., 1, :] = info.value
         return out
     raise ValueError(f"unknown initializer {info.init!r} for {info.name}")
 

@@ -54,6 +54,7 @@ CONTROL_NAME_PATTERNS = (
     "iter_embeds", "loop_embeds", "iter_scales", "layer_in_gains", "layer_out_gains", "loop_gates",
     "cross_repeat_scales",  # #895 (issue 5 item 4)
     "value_scales", "smear", "bigram.scale",  # issue 5 item 5; #1110 kept smear and bigram.scale fp32 too
+    "ve_shared.scale", "ve_layer_scales", "vrl_alphas",  # issue 16: #1110's VE and VRL scalars, fp32 there too
 )
 
 

@@ -22,6 +22,7 @@ from core.tables import check_known_keys, coerce
 FLOAT32_EPS = 1.1920928955078125e-07
 MAX_VOCAB = 65536  # shards store token ids as uint16
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
+LOOP_GATE_STYLES = ("every_loop", "seed319")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,15 @@ class ModelSpec:
     bigram_dim: int = 128  # BigramHash table width; projected to model_dim unless equal to it
     smear_gate: bool = False  # SmearGate after the embedding norm (#1110, #167), gate (d,) init 0
     value_embeds: int = 0  # extra (vocab, d) tables mixed into the residual per layer (#895: 2)
+    # The seeds' remaining parts (issue 16; all off by default, see `seed parts` below).
+    loop_gate_style: str = "every_loop"  # "every_loop": a gate after every loop; "seed319": #319's gating exactly
+    bigram_table_size: int = 0  # #470's (prev*1619 + cur) mod N table (N, d), added to the embedding; 0: off
+    ve_layers: str = ""  # #1110's VE: effective layers whose V gets the shared value embedding, e.g. "9,10"
+    ve_dim: int = 128  # width of the shared value-embedding table, projected to kv_dim unless equal to it
+    value_residual: bool = False  # VRL (#1110): every layer after the first adds sigmoid(alpha) * layer 0's V
+    ln_scale: bool = False  # #1110: the block's normed attention and MLP inputs times 1/sqrt(block + 1)
+    ortho_init: bool = False  # #1110: orthogonal init of the matrices >= 64 x 64; ".proj." ones / sqrt(2 K)
+    resid_mix_phase: bool = False  # #1110: block b's resid_mix starts at [phase_b, 1 - phase_b] (see below)
 
     def __post_init__(self):
         object.__setattr__(self, "layer_plan", tuple(int(i) for i in self.layer_plan))
@@ -134,11 +144,49 @@ class ModelSpec:
             raise UserError("model.bigram_buckets = 1: expected 0 (off) or at least 2 (hashes go mod buckets-1)")
         if self.bigram_dim < 1:
             raise UserError(f"model.bigram_dim = {self.bigram_dim}: expected a positive integer")
+        self._check_seed_parts()
         if self.cross_repeat_skips and self.num_loops < 2:
             raise UserError(
                 "model.cross_repeat_skips = true needs a plan that runs some block more than once"
                 f" (model.layer_plan = {' '.join(map(str, self.layer_plan))} runs each block once)"
             )
+
+    def _check_seed_parts(self) -> None:
+        if self.loop_gate_style not in LOOP_GATE_STYLES:
+            raise UserError(f"model.loop_gate_style = {self.loop_gate_style!r}: expected one of "
+                            f"{', '.join(map(repr, LOOP_GATE_STYLES))}")
+        if self.loop_gate_style != "every_loop":
+            if not self.loop_gates:
+                raise UserError(f"model.loop_gate_style = {self.loop_gate_style!r} has no effect while "
+                                "model.loop_gates = false (set model.loop_gates = true)")
+            if self.loop_gate_init != 1.0:
+                raise UserError(f"model.loop_gate_init = {self.loop_gate_init} has no effect with model.loop_gate_style"
+                                " = 'seed319' (its gates start at 1/num_loops)")
+            if self.num_loops < 2:
+                raise UserError("model.loop_gate_style = 'seed319' needs a plan that runs some block more than once"
+                                " (it has no gate after the first loop)")
+        for name in ("bigram_table_size", "ve_dim"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name} = {getattr(self, name)}: expected 0 (off) or a positive integer")
+        if self.ve_dim < 1:
+            raise UserError(f"model.ve_dim = {self.ve_dim}: expected a positive integer")
+        text = self.ve_layers.replace(",", " ").split()
+        if not all(t.isdigit() for t in text):
+            raise UserError(f"model.ve_layers = {self.ve_layers!r}: expected effective layer indices, e.g. '9,10'")
+        layers = sorted({int(t) for t in text})
+        if len(layers) != len(text):
+            raise UserError(f"model.ve_layers = {self.ve_layers!r} names a layer twice")
+        # Canonical form, so equal specs compare (and serialise) equal (core.depth.truncated_spec drops the
+        # layers a truncated plan no longer has).
+        object.__setattr__(self, "ve_layers", ",".join(map(str, layers)))
+        if layers and layers[-1] >= self.num_layers:
+            raise UserError(f"model.ve_layers = {self.ve_layers!r}: layer {layers[-1]} is past the plan's "
+                            f"{self.num_layers} effective layers (0..{self.num_layers - 1})")
+        if self.value_residual and self.num_layers < 2:
+            raise UserError("model.value_residual = true needs at least 2 effective layers (layer 0's V feeds the rest)")
+        if self.resid_mix_phase and self.per_layer_scales:
+            raise UserError("model.resid_mix_phase = true initialises the blocks' own resid_mix, which "
+                            "model.per_layer_scales = true replaces; switch one off")
 
     # Derived shapes, named once so both backends agree.
     @property
@@ -225,7 +273,8 @@ class ModelSpec:
     #
     # With layer_gains off the iteration embedding stays in the residual stream (#167, #895); with it on
     # only the block's change is added back, as #1110. The loop gate runs after EVERY loop, the first
-    # included, so all num_loops gates train (#319 left its first gate unused).
+    # included, so all num_loops gates train (#319 left its first gate unused; loop_gate_style = "seed319"
+    # is its gating exactly, see `seed parts` below).
     @property
     def loop_index(self) -> tuple[int, ...]:
         """The loop each effective layer belongs to: how many times its block ran at earlier layers.
@@ -254,6 +303,46 @@ class ModelSpec:
         """Layers after which a loop ends: the last layer and every layer whose loop index differs from the next."""
         r = self.loop_index
         return tuple(i for i in range(self.num_layers) if i == self.num_layers - 1 or r[i] != r[i + 1])
+
+    # Seed parts (issue 16). Gating, #319: with loop_gate_style = "seed319" the gates start at 1/num_loops and
+    # no gate runs after a loop of index 0 (the seed's g_0 existed but was never applied), so loop_gates holds
+    # num_loops - 1 gates and the gate after loop r >= 1 is loop_gates[r - 1].
+    # Input side, #470: bigram_table_size = N adds bigram_emb[(prev * 1619 + cur) mod N] (N, d), zero init, to
+    # tok_emb[ids] before the norm, with prev = 0 at position 0 (no projection, no scale).
+    # Inside block b at effective layer l (#1110):
+    #   ln_scale:        the normed attention and MLP inputs are multiplied by 1/sqrt(b + 1)
+    #   V = c_v(h)       the raw values; at layer 0 they are v0 (value_residual)
+    #   l in ve_layers:  V = V + ve_layer_scales[i] * ve_shared.scale * ve_shared.proj(ve_shared.embed[ids])
+    #   value_residual:  V = V + sigmoid(vrl_alphas[l - 1]) * v0, for l >= 1 (alphas init 0: half of v0)
+    # then attention (and XSA) on V. #1110 computed v0 from layer 0's input without its iteration embedding,
+    # which never trained there (always 0): here v0 is layer 0's own V, the same whenever iter_embeds[0] = 0.
+    # Init: ortho_init draws every Muon matrix of at least 64 x 64 that upstream does not zero-initialise
+    # (attn.proj, mlp.proj) as a (semi-)orthogonal matrix, those named ".proj." (bigram, VE) then scaled by
+    # 1/sqrt(2 num_blocks); resid_mix_phase starts block b's resid_mix at [phase_b, 1 - phase_b] with
+    # phase_b = sigmoid(3 (b / max(num_blocks - 1, 1) - 0.5)) (0.18, 0.5, 0.82 for 3 blocks).
+    @property
+    def ve_layer_list(self) -> tuple[int, ...]:
+        """The effective layers whose V gets the shared value embedding (model.ve_layers), ascending."""
+        return tuple(int(t) for t in self.ve_layers.split(",") if t)
+
+    @property
+    def num_loop_gates(self) -> int:
+        """loop_gates' length: one per loop, or one per loop after the first with loop_gate_style 'seed319'."""
+        return self.num_loops - 1 if self.loop_gate_style == "seed319" else self.num_loops
+
+    def loop_gate_index(self, layer: int) -> int | None:
+        """The row of loop_gates applied after effective layer `layer`, or None where no gate runs."""
+        if layer not in self.loop_ends:
+            return None
+        index = self.loop_index[layer] - (self.num_loops - self.num_loop_gates)
+        return index if index >= 0 else None
+
+    def ln_scale_factor(self, block: int) -> float:
+        """#1110's input scale of block `block`'s attention and MLP: 1/sqrt(block + 1), or 1 without ln_scale."""
+        return 1.0 / math.sqrt(block + 1) if self.ln_scale else 1.0
+
+    def resid_mix_phase_of(self, block: int) -> float:
+        return 1.0 / (1.0 + math.exp(-3.0 * (block / max(self.num_blocks - 1, 1) - 0.5)))
 
     # Serialisation.
     def to_dict(self) -> dict[str, Any]:
@@ -323,7 +412,11 @@ class ModelSpec:
                 (self.q_rank, f"q rank {self.q_rank}"), (self.rope_dims, f"rope {self.rope_dims}/{self.head_dim}"),
                 (self.xsa_last_n, f"xsa last {min(self.xsa_last_n, self.num_layers)}"),
                 (self.bigram_buckets, f"bigram {self.bigram_buckets}x{self.bigram_dim}"),
-                (self.smear_gate, "smear"), (self.value_embeds, f"{self.value_embeds} value embeds")) if on)
+                (self.smear_gate, "smear"), (self.value_embeds, f"{self.value_embeds} value embeds"),
+                (self.bigram_table_size, f"bigram table {self.bigram_table_size}"),
+                (self.ve_layers, f"VE into V at {self.ve_layers}"), (self.value_residual, "VRL"),
+                (self.ln_scale, "ln_scale"), (self.loop_gate_style != "every_loop", f"gates {self.loop_gate_style}"),
+                (self.ortho_init, "orthogonal init"), (self.resid_mix_phase, "resid_mix phase init")) if on)
         )
 
 

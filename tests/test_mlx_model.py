@@ -38,7 +38,8 @@ def reference_logits(spec, w, tokens):
         x1, x2 = x[..., : rd // 2], x[..., rd // 2 : rd]
         return np.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c, x[..., rd:]], -1)
 
-    def attn(p, x, use_xsa=False):
+    def attn(p, x, use_xsa=False, v_extra=()):
+        """(output, raw values): v_extra are added to the values in order (#1110's VE, then VRL)."""
         b, t, d = x.shape
         h, kvh, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         if spec.q_rank:
@@ -47,7 +48,11 @@ def reference_logits(spec, w, tokens):
             q = x @ w[p + "c_q.weight"].T
         q = q.reshape(b, t, h, hd).transpose(0, 2, 1, 3)
         k = (x @ w[p + "c_k.weight"].T).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
-        v = (x @ w[p + "c_v.weight"].T).reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
+        v_raw = x @ w[p + "c_v.weight"].T
+        v = v_raw
+        for extra in v_extra:
+            v = v + extra
+        v = v.reshape(b, t, kvh, hd).transpose(0, 2, 1, 3)
         q, k = rope(rms(q)), rope(rms(k))
         q = q * w[p + "q_gain"][None, :, None, None]
         k, v = np.repeat(k, h // kvh, axis=1), np.repeat(v, h // kvh, axis=1)
@@ -58,7 +63,7 @@ def reference_logits(spec, w, tokens):
         if use_xsa:  # each head's output minus its projection on its own (repeated) value vector, per position
             vn = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
             y = y - (y * vn).sum(-1, keepdims=True) * vn
-        return y.transpose(0, 2, 1, 3).reshape(b, t, d) @ w[p + "proj.weight"].T
+        return y.transpose(0, 2, 1, 3).reshape(b, t, d) @ w[p + "proj.weight"].T, v_raw
 
     def mlp(p, x):
         h = x @ w[p + "fc.weight"].T
@@ -70,6 +75,10 @@ def reference_logits(spec, w, tokens):
     plan = list(spec.layer_plan)
     loop = [plan[:i].count(b) for i, b in enumerate(plan)]
     x = w["tok_emb.weight"][tokens]
+    if spec.bigram_table_size:  # #470's multiplicative hash, written out per position (prev = 0 at position 0)
+        ids = [[(1619 * (int(row[i - 1]) if i else 0) + int(row[i])) % spec.bigram_table_size for i in range(len(row))]
+               for row in tokens]
+        x = x + w["bigram_emb.weight"][np.array(ids)]
     if spec.bigram_buckets:  # #1110's XOR hash, written out per position
         m = spec.bigram_buckets - 1
         ids = [[m] + [(36313 * int(row[i]) ^ 27191 * int(row[i - 1])) % m for i in range(1, len(row))]
@@ -83,7 +92,13 @@ def reference_logits(spec, w, tokens):
         shifted = np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], 1)
         x = x + w["smear.gate"] * (shifted - x)
     ve = [w[f"value_embeds.{e}.weight"][tokens] for e in range(spec.value_embeds)]
-    x0, skips, prev = x, [], {}
+    ve_layers = [int(t) for t in spec.ve_layers.split(",") if t]
+    if ve_layers:  # #1110's shared value embedding, into V at ve_layers
+        shared = w["ve_shared.embed.weight"][tokens]
+        if "ve_shared.proj.weight" in w:
+            shared = shared @ w["ve_shared.proj.weight"].T
+        shared = shared * w["ve_shared.scale"]
+    x0, skips, prev, v0 = x, [], {}, None
     enc = spec.num_layers // 2 if spec.unet_skips else 0
     for layer, blk in enumerate(plan):
         p = f"blocks.{blk}."
@@ -103,14 +118,27 @@ def reference_logits(spec, w, tokens):
         else:
             mix, a, m = w[p + "resid_mix"], w[p + "attn_scale"], w[p + "mlp_scale"]
         u = mix[0] * h + mix[1] * x0
-        u = u + a * attn(p + "attn.", rms(u), layer >= len(plan) - spec.xsa_last_n)
-        u = u + m * mlp(p + "mlp.", rms(u))
+        f = 1 / np.sqrt(blk + 1) if spec.ln_scale else 1.0
+        extra = []
+        if layer in ve_layers:
+            extra.append(w["ve_layer_scales"][ve_layers.index(layer)] * shared)
+        if spec.value_residual and layer > 0:
+            extra.append(1 / (1 + np.exp(-w["vrl_alphas"][layer - 1])) * v0)
+        out, v_raw = attn(p + "attn.", rms(u) * f, layer >= len(plan) - spec.xsa_last_n, extra)
+        v0 = v_raw if layer == 0 else v0
+        u = u + a * out
+        u = u + m * mlp(p + "mlp.", rms(u) * f)
         if spec.iter_scales:
             u = h + (u - h) * w["iter_scales"][layer]
         x = x + w["layer_out_gains"][layer] * (u - h) if spec.layer_gains else u
         if spec.loop_gates and (layer == len(plan) - 1 or loop[layer] != loop[layer + 1]):
-            g = w["loop_gates"][loop[layer]]
-            x = g * x + (1 - g) * x0
+            if spec.loop_gate_style == "seed319":  # #319: no gate after a first loop, loop r's is gates[r - 1]
+                if loop[layer] > 0:
+                    g = w["loop_gates"][loop[layer] - 1]
+                    x = g * x + (1 - g) * x0
+            else:
+                g = w["loop_gates"][loop[layer]]
+                x = g * x + (1 - g) * x0
         prev[blk] = x
         if layer < enc:
             skips.append(x)
