@@ -16,7 +16,8 @@ counted 4 times, because it does the work 4 times):
       scores 2 d K          q . k over K keys, summed over heads (GQA shares k, not the products)
       values 2 d K          softmax(scores) @ v, the same size
     head     2 d V          the tied (or untied) LM head
-    inputs   2 b d          BigramHash's projection (b = bigram_dim; none when b = d or it is off)
+    inputs   2 b d          BigramHash's projection (b = bigram_dim; none when b = d or it is off),
+             + 2 e kv       and the shared VE's (e = ve_dim, #1110; none when e = kv or ve_layers is off)
 
 With q_rank = r (#167) the q term is the two factors, 2 d r + 2 r d. Partial RoPE, XSA (a projection per
 head, O(d) per token), SmearGate and the value embeddings (lookups and scaled adds) are elementwise and
@@ -59,7 +60,7 @@ class FlopCount:
     layers: int  # effective layers counted
     per_layer: dict  # term -> forward FLOPs per token in one effective layer
     head: int  # forward FLOPs per token of the LM head
-    inputs: int = 0  # forward FLOPs per token before the layers (BigramHash's projection)
+    inputs: int = 0  # forward FLOPs per token before the layers (BigramHash's and the shared VE's projections)
 
     @property
     def layer(self) -> int:
@@ -107,8 +108,10 @@ def flops_per_token(spec: ModelSpec, seq_len: int, causal: bool = True) -> FlopC
         "values": attn_product,
     }
     bigram_proj = spec.bigram_buckets and spec.bigram_dim != d
+    ve_proj = spec.ve_layers and spec.ve_dim != kv  # #1110's shared VE, projected once per token
+    inputs = (2 * spec.bigram_dim * d if bigram_proj else 0) + (2 * spec.ve_dim * kv if ve_proj else 0)
     return FlopCount(seq_len=seq_len, causal=causal, layers=spec.num_layers, per_layer=per_layer,
-                     head=2 * d * spec.vocab_size, inputs=2 * spec.bigram_dim * d if bigram_proj else 0)
+                     head=2 * d * spec.vocab_size, inputs=inputs)
 
 
 def six_n_per_token(spec: ModelSpec) -> int:

@@ -143,6 +143,18 @@ def test_orthogonal_init_and_projection_rescale():
     np.testing.assert_array_equal(plain["tok_emb.weight"], w["tok_emb.weight"])
 
 
+def test_flops():
+    """The shared VE's projection is counted once per token with the inputs (core.flops); the bigram table,
+    VRL, ln_scale and the gates are lookups and elementwise."""
+    from core.flops import flops_per_token
+
+    base = flops_per_token(spec_for("2x3"), 16)
+    assert flops_per_token(spec_for("2x3", **OPTIONS["ve"]), 16).inputs - base.inputs == 2 * 8 * 16
+    assert flops_per_token(spec_for("2x3", **OPTIONS["ve_full_width"]), 16) == base
+    for option in ("bigram_table", "vrl", "ln_scale", "seed319", "phase"):
+        assert flops_per_token(spec_for("2x3", **OPTIONS[option]), 16) == base, option
+
+
 # ---- forward: identity at init, liveness, backends and numpy reference ------------------------------------
 
 IDENTITY = ("bigram_table", "ve", "ve_full_width")  # zero table / zero projection: step 0 unchanged
