@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,17 +203,33 @@ class DataPaths:
     dataset_entry: DatasetEntry | None = None  # this dataset's manifest entry, when there is one
 
 
-def _pick_dataset(m: Manifest, name: str | None, where: Path) -> DatasetEntry:
+CONFIG_DATASET_FLAG = "data.dataset (--set data.dataset=NAME)"
+CHALLENGE_DATASET = re.compile(r"fineweb10B_(sp\d+|byte260)")  # the variants of the export on the Hub
+
+
+def _is_challenge_dataset(name: str | None) -> bool:
+    """fineweb10B_sp<VOCAB> or fineweb10B_byte260: a variant of the challenge's export, fetched from the Hub."""
+    return bool(name and CHALLENGE_DATASET.fullmatch(name))
+
+
+def _data_hint(dataset: str | None) -> str:
+    """How to get the data: the challenge's shards are fetched, anything else is the demo's to make."""
+    if _is_challenge_dataset(dataset):
+        return f"fetch it with: loopgolf data fetch --variant {dataset.removeprefix('fineweb10B_')}"
+    return f"make the demo data with: {DEMO_HINT}"
+
+
+def _pick_dataset(m: Manifest, name: str | None, where: Path, flag: str) -> DatasetEntry:
     names = [d.name for d in m.datasets]
     if not names:
         raise UserError(f"{where}: lists no datasets")
     if name is None:
         if len(names) > 1:
-            raise UserError(f"{where} lists several datasets ({', '.join(names)}); name one of them")
+            raise UserError(f"{where} lists several datasets ({', '.join(names)}); name one with {flag}")
         return m.datasets[0]
     entry = m.dataset(name)
     if entry is None:
-        raise UserError(f"{where}: no dataset named {name!r}; it lists {', '.join(names)}")
+        raise UserError(f"{where}: no dataset named {name!r}; it lists {', '.join(names)}; {_data_hint(name)}")
     return entry
 
 
@@ -220,6 +237,7 @@ def resolve_data(
     root_or_dataset_dir: str | os.PathLike,
     dataset: str | None = None,
     tokenizer: str | os.PathLike | None = None,
+    dataset_flag: str = CONFIG_DATASET_FLAG,
 ) -> DataPaths:
     """Find shards and tokenizer from a data root (holding manifest.json) or a dataset directory.
 
@@ -229,12 +247,12 @@ def resolve_data(
     """
     given = Path(root_or_dataset_dir)
     if not given.is_dir():
-        raise UserError(f"data directory {given} not found; make the demo data with: {DEMO_HINT}")
+        raise UserError(f"data directory {given} not found; {_data_hint(dataset)}")
     manifest, entry, root = None, None, None
     if (given / MANIFEST_NAME).is_file():
         root = given
         manifest = read_manifest(root / MANIFEST_NAME)
-        entry = _pick_dataset(manifest, dataset, root / MANIFEST_NAME)
+        entry = _pick_dataset(manifest, dataset, root / MANIFEST_NAME, dataset_flag)
         dataset_dir = root / entry.path
     else:
         dataset_dir = given
@@ -264,6 +282,11 @@ def resolve_data(
             f"data directory {given} has no manifest.json naming its tokenizer; give the tokenizer .model path too"
         )
 
+    name = entry.name if entry is not None else dataset_dir.name
+    if _is_challenge_dataset(name):  # say how to fetch missing shards, not how to make the demo
+        for split in ("val", "train"):
+            if not any(dataset_dir.glob(f"fineweb_{split}_*.bin")):
+                raise UserError(f"no fineweb_{split}_*.bin shards in {dataset_dir}; {_data_hint(name)}")
     train_files = list_shards(dataset_dir, "train")
     val_files = list_shards(dataset_dir, "val")
     if entry is not None and entry.stats.files_train and len(train_files) > entry.stats.files_train:

@@ -51,27 +51,35 @@ def write_shard(path: str | os.PathLike, tokens) -> int:
     return int(arr.size)
 
 
+def shard_problem(path: str | os.PathLike) -> tuple[int, str | None]:
+    """(num_tokens, None) for a valid shard file, else (0, why it is not one): magic, version, size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        return 0, f"expected at least a {HEADER_BYTES}-byte header, found a {size}-byte file"
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if int(header[0]) != SHARD_MAGIC:
+        return 0, f"expected magic {SHARD_MAGIC}, found {int(header[0])} (not a token shard)"
+    if int(header[1]) != SHARD_VERSION:
+        return 0, f"expected version {SHARD_VERSION}, found {int(header[1])}"
+    num_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        return 0, (
+            f"header says {num_tokens} tokens, so expected {HEADER_BYTES} + 2*{num_tokens} = {expected} "
+            f"bytes, found {size} (truncated or corrupt)"
+        )
+    return num_tokens, None
+
+
 def read_shard_header(path: str | os.PathLike) -> int:
     """Validate a shard's header and size; return its token count."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"shard {path} not found")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise UserError(f"shard {path}: expected at least a {HEADER_BYTES}-byte header, found a {size}-byte file")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if int(header[0]) != SHARD_MAGIC:
-        raise UserError(f"shard {path}: expected magic {SHARD_MAGIC}, found {int(header[0])} (not a token shard)")
-    if int(header[1]) != SHARD_VERSION:
-        raise UserError(f"shard {path}: expected version {SHARD_VERSION}, found {int(header[1])}")
-    num_tokens = int(header[2])
-    expected = HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size != expected:
-        raise UserError(
-            f"shard {path}: header says {num_tokens} tokens, so expected {HEADER_BYTES} + 2*{num_tokens} = {expected} "
-            f"bytes, found {size} "
-            "(truncated or corrupt)"
-        )
+    num_tokens, problem = shard_problem(path)
+    if problem:
+        raise UserError(f"shard {path}: {problem}")
     return num_tokens
 
 

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ -f data/manifest.json ] || .venv/bin/make_mini_shards --demo --out data
+[ -d data/datasets/shakespeare_sp1024 ] || .venv/bin/make_mini_shards --demo --out data  # beside any fetched data
 exec .venv/bin/loopgolf train --config configs/demo.toml --out runs/demo "$@"

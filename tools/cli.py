@@ -29,6 +29,7 @@ COMMANDS = {
     "convert": ("tools.convert", "run_convert"),
     "bench": ("tools.bench", "run_bench"),
     "eval": ("tools.eval", "run_eval"),
+    "data": ("tools.data", "run_data"),
 }
 
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tools.eval import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    from tools.data import add_parser as add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

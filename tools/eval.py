@@ -136,7 +136,7 @@ def load_data(args, spec: ModelSpec):
     from core.shards import load_val_tokens
     from core.tokenizer import load_tokenizer
 
-    data = resolve_data(args.data, args.dataset)
+    data = resolve_data(args.data, args.dataset, dataset_flag="--dataset NAME")
     sp = load_tokenizer(data.tokenizer_path)
     check_vocab(sp, spec.vocab_size, data.tokenizer_path)
     luts = build_byte_luts(sp, spec.vocab_size)

@@ -272,7 +272,7 @@ def run_subset(args) -> int:
     """First N tokens of each of the first K train shards, first M val tokens: REFERENCE.md's mini shards."""
     t0 = time.perf_counter()
     out = Path(args.out)
-    src = resolve_data(args.src, dataset=args.dataset, tokenizer=args.tokenizer)
+    src = resolve_data(args.src, dataset=args.dataset, tokenizer=args.tokenizer, dataset_flag="--dataset NAME")
     src_entry = src.dataset_entry
     name = args.name or (src_entry.name if src_entry else src.dataset_dir.resolve().name)
     dataset_dir = out / "datasets" / name

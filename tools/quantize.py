@@ -67,7 +67,8 @@ class _Model:
         from tools.backends import build_backend, resolve_backend
 
         self.cfg = cfg = _run_config(args)
-        self.data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
+        self.data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None,
+                                 dataset_flag="data.dataset in the run's config (or --config)")
         self.backend = build_backend(resolve_backend(args.backend), spec, weights, cfg.train, cfg.optim)
         if args.eval:
             sp = load_tokenizer(self.data.tokenizer_path)
