@@ -24,8 +24,6 @@ from core.shards import read_shard, write_shard
 from core.tokenizer import encode_documents, load_tokenizer, train_sentencepiece
 from tests.hub_server import COMMIT, FakeHub
 
-pytest.importorskip("huggingface_hub")
-
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "willdepueoai/parameter-golf"
 SP1024 = "datasets/fineweb10B_sp1024"
