@@ -12,7 +12,12 @@ EPILOG = "formats (by file name):\n  " + "\n  ".join(DESCRIBE.values()) + """
 
 Upstream files (final_model.pt, *_mlx_model.npz, *.int8.ptz) carry no spec: it is inferred from the tensor
 shapes as a flat model (block i at layer i). For a looped model give --layer-plan, --num-layers or
---spec-from. Artifacts (.ptz, .art) are dequantized to float32."""
+--spec-from. Artifacts (.ptz, .art) are dequantized to float32.
+
+The seeds' own checkpoints are recognised by their names and mapped to loopgolf's (tools/seed_layouts.py):
+#470's, #319's and #167's (train_gpt_mlx_exp.py npz) give their spec from the tensors; #1110's and #895's
+depend on settings the tensors do not show, so give --spec-from with the seed's config, e.g.
+  loopgolf convert final_model.pt ut.safetensors --spec-from configs/ut_3x4_iter.toml"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -13,7 +13,9 @@ Formats, by file name (an input with another name, by its first bytes):
 
 Every tensor is float32 on the way out. Upstream files carry no spec: it is inferred from the shapes
 (a flat plan), or given. Everything that differs between upstream and loopgolf lives here: names in
-`sanitize`; train_gpt_mlx.py's RoPE direction and RMSNorm eps in `flip_rope_halves` and MLX_NORM_EPS.
+`sanitize`; train_gpt_mlx.py's RoPE direction and RMSNorm eps in `flip_rope_halves` and MLX_NORM_EPS; the
+seeds' own layouts (#1110, #470, #319, #895 state_dicts, #167's MLX npz) in tools/seed_layouts.py, the one
+place their names are mapped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from core.atomic import atomic_path, atomic_write_bytes
 from core.errors import UserError
 from core.params import param_table
+from tools import seed_layouts
 from tools.pickle_safe import MAX_INFLATED_BYTES, first_line, need_torch, read_upstream_ptz, tensors_to_numpy, torch_load
 from core.spec import FLOAT32_EPS, ModelSpec
 from core.weights import SPEC_KEY, check_weights, load_weights, save_weights
@@ -217,9 +220,11 @@ def read_weights_file(path: str | os.PathLike) -> Loaded:
 
 # ---- the spec -------------------------------------------------------------------------------------------
 
-def infer_spec(weights: dict[str, np.ndarray], source: str, norm_eps: float = FLOAT32_EPS) -> ModelSpec:
+def infer_spec(weights: dict[str, np.ndarray], source: str, norm_eps: float = FLOAT32_EPS,
+               layout_table: dict | None = None) -> ModelSpec:
     """A flat spec from upstream tensor shapes: vocab and width from tok_emb, blocks from the indices,
-    heads from q_gain, kv heads from c_k, mlp_mult from fc, untied when lm_head is present."""
+    heads from q_gain, kv heads from c_k, mlp_mult from fc, untied when lm_head is present; a seed layout's
+    plan and options (`layout_table`, tools.seed_layouts.spec_table) on top."""
     def shape(name: str, ndim: int) -> tuple[int, ...]:
         if name not in weights:
             raise UserError(f"{source}: no tensor {name!r}, so the spec cannot be inferred; give --spec-from")
@@ -239,7 +244,7 @@ def infer_spec(weights: dict[str, np.ndarray], source: str, norm_eps: float = FL
         raise UserError(f"{source}: c_k has {kv_rows} rows: expected a multiple of head_dim {dim // heads}")
     table = {"norm_eps": norm_eps, "vocab_size": vocab, "model_dim": dim, "num_heads": heads, "num_kv_heads": kv_rows // (dim // heads),
              **({"mlp_mult": hidden // dim} if hidden % dim == 0 else {"mlp_hidden": hidden}), "num_blocks": len(blocks), "layer_plan": list(range(len(blocks))),
-             "tie_embeddings": "lm_head.weight" not in weights}
+             "tie_embeddings": "lm_head.weight" not in weights, **(layout_table or {})}
     return ModelSpec.from_table(table, where=f"{source} (inferred)")
 
 
@@ -281,14 +286,19 @@ def spec_from_file(path: str | os.PathLike) -> ModelSpec:
 
 def resolve_spec(loaded: Loaded, source: str, given: ModelSpec | None = None, given_from: str = "",
                  overrides: dict | None = None) -> tuple[ModelSpec, str]:
-    """(spec, how it was found). An explicit spec or override wins over the file's, with a note."""
+    """(spec, how it was found). An explicit spec or override wins over the file's, with a note. A seed's own
+    layout (tools.seed_layouts) implies its plan and options, and its tensors are mapped to loopgolf's names
+    for the spec found (loaded.weights is replaced)."""
+    layout = seed_layouts.detect(loaded.weights) if loaded.spec is None else None
     if given is not None:
         spec, how = given, f"from {given_from}"
     elif loaded.spec is not None:
         spec, how = loaded.spec, f"from {source}"
     else:
         eps = MLX_NORM_EPS if loaded.convention == "mlx" else FLOAT32_EPS
-        spec, how = _naming(source, infer_spec, loaded.weights, source, eps), "inferred from the tensor shapes"
+        extra = _naming(source, seed_layouts.spec_table, layout, loaded.weights, source) if layout else None
+        spec = _naming(source, infer_spec, seed_layouts.block_view(layout, loaded.weights), source, eps, extra)
+        how = f"inferred from the tensor shapes{f' of a {layout.name}' if layout else ''}"
     if overrides:
         spec = _naming("--layer-plan/--num-layers/--set", apply_overrides, spec, overrides)
         how = f"{how}, with {', '.join(sorted(overrides))} set"
@@ -297,6 +307,9 @@ def resolve_spec(loaded: Loaded, source: str, given: ModelSpec | None = None, gi
         how += f" (the file's own spec differs in {', '.join(k for k in sorted(mine) if mine[k] != theirs[k])})"
     if loaded.convention == "mlx" and spec.norm_eps != MLX_NORM_EPS:
         how += f" (note: train_gpt_mlx.py ran its RMSNorm with eps {MLX_NORM_EPS:g}, this spec has {spec.norm_eps:g})"
+    if layout:
+        loaded.weights = _naming(source, seed_layouts.to_loopgolf, layout, loaded.weights, spec, loaded.notes)
+        loaded.notes.insert(0, f"{layout.name}: mapped to loopgolf's names (tools/seed_layouts.py)")
     unknown = sorted(set(loaded.weights) - {p.name for p in param_table(spec)})
     rows = loaded.weights["skip_weights"].shape[0] if "skip_weights" in loaded.weights else spec.num_skip_weights
     hint = (f"; skip_weights has {rows} rows, i.e. {2 * rows} or {2 * rows + 1} effective layers: give "
