@@ -2,7 +2,9 @@
 
 Mirrors the torch backend's optim.py. Upstream's maths: Newton-Schulz with 5 quintic steps, Nesterov
 momentum, update scaled by sqrt(max(1, rows/cols)); Adam with bias correction. On MLX the
-Newton-Schulz iteration runs in float32, as upstream's MLX script does.
+Newton-Schulz iteration runs in float32, as upstream's MLX script does. Decoupled weight decay
+(optim.<group>_weight_decay, core.schedule.weight_decays) scales a parameter by 1 - lr * wd with its
+group's lr, before the step or, with optim.weight_decay_after_step, after it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import mlx.core as mx
 from core.config import OptimConfig
 from core.params import MATRIX, param_table
 from core.spec import ModelSpec
-from core.schedule import group_base_lrs
+from core.schedule import group_base_lrs, weight_decays
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -51,11 +53,21 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> dict:
     return {k: g * factor for k, g in grads.items()}
 
 
+def apply_step(p: mx.array, delta: mx.array, lr: mx.array, wd: float, after: bool) -> mx.array:
+    """p - delta with decoupled weight decay wd: p * (1 - lr wd) - delta, or (p - delta) * (1 - lr wd) after it."""
+    if not wd:
+        return p - delta
+    if after:
+        return (p - delta) * (1 - lr * wd)
+    return p * (1 - lr * wd) - delta
+
+
 def make_update(spec: ModelSpec, optim: OptimConfig):
     """update(params, state, grads, lr_scale, momentum) -> (params, state), with lr_scale and momentum as
     0-d arrays so a compiled update is traced once."""
     groups = {info.name: info.group for info in param_table(spec)}
     base_lr = group_base_lrs(spec, optim)
+    decay = weight_decays(spec, optim)
 
     def update(params: dict, state: dict, grads: dict, lr_scale: mx.array, momentum: mx.array):
         grads = clip_by_global_norm(grads, optim.grad_clip_norm)
@@ -70,12 +82,13 @@ def make_update(spec: ModelSpec, optim: OptimConfig):
                 buf = momentum * state["muon"][name] + g
                 u = newton_schulz(g + momentum * buf, optim.muon_backend_steps)
                 u = u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                new_params[name] = p - lr * u
+                new_params[name] = apply_step(p, lr * u, lr, decay.get(name, 0.0), optim.weight_decay_after_step)
                 muon[name] = buf
             else:
                 m = optim.beta1 * state["adam"][name]["m"] + (1 - optim.beta1) * g
                 v = optim.beta2 * state["adam"][name]["v"] + (1 - optim.beta2) * (g * g)
-                new_params[name] = p - lr * (m / bias1) / (mx.sqrt(v / bias2) + optim.adam_eps)
+                delta = lr * (m / bias1) / (mx.sqrt(v / bias2) + optim.adam_eps)
+                new_params[name] = apply_step(p, delta, lr, decay.get(name, 0.0), optim.weight_decay_after_step)
                 adam[name] = {"m": m, "v": v}
         return new_params, {"step": step, "muon": muon, "adam": adam}
 

@@ -399,10 +399,11 @@ def read_average(ckpt_dir: Path, meta: dict, weights: dict[str, np.ndarray]):
 
 
 def _default(section: str, key: str):
-    cls = SECTIONS[section]
+    """A key's default as the JSON record holds it (a tuple default reads back as a list)."""
+    cls = ModelSpec if section == "model" else SECTIONS[section]
     for f in dataclasses.fields(cls):
         if f.name == key:
-            return f.default
+            return json.loads(json.dumps(f.default))
     return None
 
 
@@ -411,8 +412,9 @@ def config_differences(meta: dict, cfg: RunConfig) -> list[str]:
     diffs = []
     saved_spec, spec = meta["spec"], json.loads(json.dumps(cfg.model.to_dict()))
     for key in sorted(set(saved_spec) | set(spec)):
-        if saved_spec.get(key) != spec.get(key):
-            diffs.append(f"model.{key} (checkpoint {saved_spec.get(key)!r}, now {spec.get(key)!r})")
+        old = saved_spec.get(key, _default("model", key))  # a key added since the checkpoint: its default
+        if old != spec.get(key):
+            diffs.append(f"model.{key} (checkpoint {old!r}, now {spec.get(key)!r})")
     now = config_record(cfg)
     for section, table in now.items():
         saved = meta["config"].get(section, {})

@@ -84,13 +84,27 @@ class OptimConfig:
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
     grad_clip_norm: float = 0.0  # 0: off
+    # Decoupled weight decay per optimizer group (0: off), with the group's scheduled lr: p *= 1 - lr * wd
+    # before the step (#1110, #895, AdamW), or after it with weight_decay_after_step (#470).
+    matrix_weight_decay: float = 0.0  # Muon matrices (#895, #470, #1110: 0.04)
+    scalar_weight_decay: float = 0.0  # Adam scalar group (#1110: 0.04)
+    embed_weight_decay: float = 0.0  # embedding group: tok_emb and the tables trained with it (#1110: 0.04)
+    head_weight_decay: float = 0.0  # untied lm_head
+    weight_decay_exempt: list[str] = ()  # fnmatch patterns of parameter names that never decay (#1110: its gains)
+    weight_decay_after_step: bool = False  # #470: p = (p - lr * u) * (1 - lr * wd) instead of p * (1 - lr * wd) - lr * u
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
-                raise UserError(f"optim.{f.name} = {getattr(self, f.name)}: expected 0 or more")
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise UserError(f"optim.{f.name} = {value}: expected 0 or more")
         if not 0 < self.beta1 < 1 or not 0 < self.beta2 < 1:
             raise UserError("optim.beta1 and optim.beta2 must lie strictly between 0 and 1")
+        object.__setattr__(self, "weight_decay_exempt", tuple(self.weight_decay_exempt))
+        for pattern in self.weight_decay_exempt:
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise UserError(f"optim.weight_decay_exempt = {list(self.weight_decay_exempt)}: expected parameter "
+                                "name patterns (fnmatch), e.g. ['layer_*_gains']")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +244,10 @@ class RunConfig:
     source: str = ""
 
     def __post_init__(self):
+        if self.optim.weight_decay_exempt:
+            from core.schedule import weight_decays  # core.schedule imports this module
+
+            weight_decays(self.model, self.optim)  # a pattern that matches no parameter is an error at load
         window = self.eval.seq_len or self.train.seq_len
         if self.eval.stride > window:
             raise UserError(f"eval.stride = {self.eval.stride} is longer than the sliding window (eval.seq_len, or "

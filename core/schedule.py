@@ -1,9 +1,12 @@
-"""Schedules shared by both backends: learning-rate multiplier, Muon momentum warmup, per-group LRs."""
+"""Schedules shared by both backends: learning-rate multiplier, Muon momentum warmup, per-group LRs and weight decays."""
 
 from __future__ import annotations
 
+import fnmatch
+
 from core.config import OptimConfig, TrainConfig
-from core.params import EMBED, HEAD, MATRIX, SCALAR
+from core.errors import UserError
+from core.params import EMBED, HEAD, MATRIX, SCALAR, param_table
 from core.spec import ModelSpec
 
 
@@ -14,6 +17,20 @@ def group_base_lrs(spec: ModelSpec, optim: OptimConfig) -> dict[str, float]:
         EMBED: optim.tied_embed_lr if spec.tie_embeddings else optim.embed_lr,
         HEAD: optim.head_lr,
     }
+
+
+def weight_decays(spec: ModelSpec, optim: OptimConfig) -> dict[str, float]:
+    """{parameter name: its decoupled weight decay} for every parameter that decays (its group's
+    optim.<group>_weight_decay > 0 and no optim.weight_decay_exempt pattern matches its name)."""
+    by_group = {MATRIX: optim.matrix_weight_decay, SCALAR: optim.scalar_weight_decay,
+                EMBED: optim.embed_weight_decay, HEAD: optim.head_weight_decay}
+    names = [info.name for info in param_table(spec)]
+    for pattern in optim.weight_decay_exempt:
+        if not fnmatch.filter(names, pattern):
+            raise UserError(f"optim.weight_decay_exempt: {pattern!r} matches no parameter of this model "
+                            f"(names are as `loopgolf size --config` lists them, e.g. {names[-1]!r})")
+    return {info.name: by_group[info.group] for info in param_table(spec) if by_group[info.group] > 0
+            and not any(fnmatch.fnmatchcase(info.name, pattern) for pattern in optim.weight_decay_exempt)}
 
 
 def lr_multiplier(step: int, elapsed_ms: float, train: TrainConfig) -> float:
