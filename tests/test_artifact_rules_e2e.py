@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from core.artifact import load_quantized
 from tools.cli import main
 
 
+@pytest.mark.slow
 def test_run_exports_with_configured_rules_and_codec(demo_data, tmp_path):
     out = tmp_path / "run"
     code = main([

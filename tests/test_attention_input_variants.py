@@ -245,6 +245,7 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
             assert np.abs(after[name] - w[name]).max() > 1e-4, name
 
 
+@pytest.mark.slow
 def test_parity_with_the_variants_on():
     """`loopgolf parity --config configs/demo.toml --small --set model.q_rank=8 --set ...` (demo: a few
     seconds; configs/ut_3x4.toml passes too, in ~20 s, see the README)."""

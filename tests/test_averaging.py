@@ -126,6 +126,7 @@ def train(demo_data, out, *extra):
     return [e for e in events if e["event"] == "final"][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("average", [["--set", "average.ema_decay=0.8"],
                                      ["--set", "average.swa_every=2", "--set", "average.swa_lr_threshold=0.7"]])
 def test_a_resumed_run_ends_with_the_same_averaged_weights(demo_data, tmp_path, average):

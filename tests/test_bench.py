@@ -91,6 +91,7 @@ def _check_shape(r, backend):
     assert r["tokens_per_s"] == pytest.approx(r["batch_tokens"] / (r["step_ms"]["median"] / 1000))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_bench_json_shape_synthetic(backend, tmp_path, capsys):
     pytest.importorskip(backend)
@@ -170,6 +171,7 @@ def _fake(tmp_path, dtype):
     return script, env_log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_vs_upstream_with_fake_script(backend, demo_data, tmp_path, capsys):
     pytest.importorskip(backend)
@@ -236,6 +238,7 @@ def test_vs_upstream_refuses_options_upstream_lacks(tmp_path, capsys):
     assert not env_log.exists()
 
 
+@pytest.mark.slow
 def test_vs_upstream_reports_a_failing_script(demo_data, tmp_path, capsys):
     pytest.importorskip("mlx")
     script = tmp_path / "broken.py"

@@ -129,6 +129,7 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
         assert np.abs(got - w["cross_repeat_scales"]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_parity_with_the_variants_on():
     """`loopgolf parity --config configs/demo.toml --small --set model.unet_skips=false --set ...`."""
     sets = ["model.unet_skips=false", "model.cross_repeat_skips=true", "model.mlp_activation='leaky_relu2'",

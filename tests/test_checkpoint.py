@@ -279,6 +279,7 @@ def one_torch_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_backend_state_round_trip_continues_exactly(backend, request):
     pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
@@ -445,6 +446,7 @@ QUICK = ["--config", "configs/demo.toml", "--backend", "mlx", "--small", "--set"
          "--set", "train.max_wallclock_seconds=0", "--set", "train.checkpoint_every=1", "--set", "train.log_every=0"]
 
 
+@pytest.mark.slow
 def test_cli_resume_refusals_and_a_resume_at_the_end(demo_data, tmp_path, capsys):
     pytest.importorskip("mlx.core")
     from tools.cli import main

@@ -94,6 +94,7 @@ def test_batch_that_does_not_split_into_sequences(capsys, demo_data, tmp_path):
     assert_one_line(code, err, "train.batch_tokens = 100")
 
 
+@pytest.mark.slow
 def test_size_prints_the_baseline_count(capsys):
     assert main(["size", "--config", "configs/baseline_9x512.toml"]) == 0
     assert "model_params:17059912" in capsys.readouterr().out

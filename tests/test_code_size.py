@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from core.size import ROOT, code_bytes, code_files
 
 
@@ -15,6 +17,7 @@ def test_counted_files_are_the_training_path():
     assert code_bytes("torch") == sum(p.stat().st_size for p in code_files("torch"))
 
 
+@pytest.mark.slow
 def test_every_core_module_a_training_run_loads_is_counted():
     # What Python really imports for a torch training run must be a subset of what we count.
     probe = ("import sys, core.loop, core.manifest, core.tokenizer, backend_torch.trainer; "

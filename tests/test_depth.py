@@ -177,6 +177,7 @@ def backends(spec, weights, cfg):
     return out
 
 
+@pytest.mark.slow
 def test_set_depth_computes_the_truncated_model():
     """At depth n a backend gives the loss of a model built from truncated_spec(n) with the leading rows of
     every table, and it differs from full depth (so the switch is not a no-op); MLX and torch agree."""
@@ -210,6 +211,7 @@ def test_set_depth_computes_the_truncated_model():
         assert got[key] == pytest.approx(got["torch", key[1]], abs=32 * LOGIT_ATOL * 10)
 
 
+@pytest.mark.slow
 def test_one_loop_trains_without_cross_repeat_gradients():
     """At one loop cross_repeat_scales is not read at all: torch gets no grad for it (a zero one is used) and
     Adam leaves it exactly where it was; the per-layer rows past the depth stay put too."""
@@ -260,6 +262,7 @@ def test_resume_across_a_switch_is_bit_exact(tmp_path, demo_data):
 
 
 # #895's block and input variants on top: value embeddings read per-layer rows, XSA its last N layers.
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, {"value_embeds": 2, "xsa_last_n": 2, "unet_skips": False}],
                          ids=["per-layer", "895-variants"])
 def test_extra_loop_states_mlx_equals_torch(extra):
@@ -308,6 +311,7 @@ LOOPGOLF = Path(sys.executable).with_name("loopgolf")
 PROGRAM = [str(LOOPGOLF)] if LOOPGOLF.exists() else [sys.executable, "-m", "tools.cli"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_a_progressive_run_switches_and_exports_at_full_depth(backend, demo_data, tmp_path):
     """A 12-step demo run with 1, 2 then 3 loops by step: metrics.jsonl shows the switches, the final

@@ -35,6 +35,7 @@ def run(demo_data, tmp_path_factory):
     return out, [e for e in final if e["event"] == "final"][-1]
 
 
+@pytest.mark.slow
 def test_a_run_reports_sliding_and_hedge_beside_the_round_trip(run):
     out, final = run
     for key in ("roundtrip_val_bpb", "sliding_val_bpb", "hedge_val_bpb"):
@@ -47,6 +48,7 @@ def test_a_run_reports_sliding_and_hedge_beside_the_round_trip(run):
     assert "final_int8_zlib_roundtrip_sliding val_loss:" in log and "final_int8_zlib_roundtrip_hedge val_loss:" in log
 
 
+@pytest.mark.slow
 def test_eval_of_the_artifact_reproduces_the_runs_numbers(run, demo_data, tmp_path, capsys):
     out, final = run
     report = tmp_path / "eval.json"
@@ -64,6 +66,7 @@ def test_eval_of_the_artifact_reproduces_the_runs_numbers(run, demo_data, tmp_pa
     assert r["val_bpb"] == pytest.approx(final["roundtrip_val_bpb"], rel=2e-5)
 
 
+@pytest.mark.slow
 def test_eval_of_the_weights_with_torch(run, demo_data, tmp_path, capsys):
     out, final = run
     pytest.importorskip("torch")
@@ -77,6 +80,7 @@ def test_eval_of_the_weights_with_torch(run, demo_data, tmp_path, capsys):
     assert r["sliding_val_bpb"] == pytest.approx(final["sliding_val_bpb"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_eval_defaults_to_the_runs_own_seq_len(run, demo_data, tmp_path, capsys):
     """Without --seq-len, an artifact in its run directory is scored at the run's train.seq_len (64 here), and
     one with no config.toml beside it at upstream's 1024, saying so."""

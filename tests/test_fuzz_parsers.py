@@ -134,12 +134,14 @@ def check_artifact(blob: bytes) -> None:
         assert isinstance(spec, dict) and info.total_bytes == len(blob)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(codec=st.sampled_from(["zlib", "zstd"]), ops=mutations, head=head_or_all())
 def test_artifact_bytes(codec, ops, head):
     check_artifact(mutate(ARTIFACTS[codec], ops, PREFIX_BYTES + 16 if head else None))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(ops=mutations, head=head_or_all())
 def test_artifact_payload_behind_a_valid_prefix(ops, head):
@@ -349,6 +351,7 @@ def replaced(path, data: bytes):
         path.write_bytes(original)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(file=st.sampled_from([ck.WEIGHTS_FILE, ck.OPTIMIZER_FILE, ck.META_FILE]), ops=mutations, head=head_or_all())
 def test_checkpoint_files(file, ops, head, checkpoint_dir):

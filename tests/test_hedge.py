@@ -18,6 +18,7 @@ def log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(vocab=st.integers(2, 40), n=st.integers(1, 300), warmup=st.integers(0, 60), block=st.integers(1, 50),
        seed=st.integers(0, 2**31 - 1), eta=st.floats(0.01, 2.0))

@@ -95,6 +95,7 @@ def test_mlx_and_torch_hessians_agree():
         np.testing.assert_allclose(h_mlx[name], h, rtol=1e-4, atol=1e-5 * np.abs(h).max(), err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_torch_run_exports_a_gptq_artifact_that_round_trips(demo_data, tmp_path, capsys):
     out = tmp_path / "run"
     code = main([
@@ -134,6 +135,7 @@ def test_a_torch_run_exports_a_gptq_artifact_that_round_trips(demo_data, tmp_pat
     assert abs(float(row.split("roundtrip_val_bpb=")[1].split()[0]) - final["roundtrip_val_bpb"]) <= 5e-5  # printed .4f
 
 
+@pytest.mark.slow
 def test_a_run_too_small_for_gptq_says_so_and_rounds(demo_data, tmp_path):
     """At --small width every block matrix is under the passthrough size: no Hessians, plain rounding."""
     out = tmp_path / "run"

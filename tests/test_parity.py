@@ -46,6 +46,7 @@ def demo_cfg():
 
 # ---- every config, fp32 and bf16 -----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_passes_small_parity(name):
     cfg = small(name)
@@ -64,6 +65,7 @@ def test_every_shipped_config_passes_small_parity(name):
         assert any(c.startswith(prefix) for c in checks), prefix
 
 
+@pytest.mark.slow
 def test_bf16_passes_its_band():
     rows = parity.parity_rows(small("ut_3x4.toml"), "bfloat16", SEED)
     assert not failing(rows), "\n" + parity.format_report(rows)
@@ -138,6 +140,7 @@ PLANTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_planted_bug_fails_and_names_the_first_divergence(bug, monkeypatch, demo_cfg):
     plant, first = PLANTED[bug]
@@ -158,6 +161,7 @@ def test_planted_bug_fails_and_names_the_first_divergence(bug, monkeypatch, demo
         assert bad.max_rel > 100 * tolerance("update_muon", "float32", dim=widest).rtol
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_exits_1_on_a_planted_bug(monkeypatch, capsys):
     assert parity.main(["--config", str(ROOT / "configs/demo.toml"), "--small", "--seed", "3"]) == 0
     out = capsys.readouterr().out
@@ -179,6 +183,7 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path):
 
 # ---- the artifact ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_artifact_sha256_identical_across_backends(tmp_path):
     """Weights loaded into each backend's trainer and exported back give the same artifact bytes, payload and
     compressed, for every codec. The vocabulary is widened so the tied embedding (> 65,536 values) takes

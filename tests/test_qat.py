@@ -47,6 +47,7 @@ def awkward_weights(rng) -> dict[str, np.ndarray]:
             "blocks.0.attn_scale": mat((32,), 1.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fake_quant_equals_the_export_round_trip(scheme):
     weights = awkward_weights(np.random.default_rng(7))
@@ -172,6 +173,7 @@ def train(demo_data, out, backend, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_qat_from_the_start_scores_what_the_artifact_scores(demo_data, tmp_path, monkeypatch):
     """With QAT the run's own final val_bpb is the artifact's: the trained forward is the exported one."""
     monkeypatch.setattr(quant, "KEEP_FLOAT_MAX_NUMEL", 256)  # quantize every matrix of the tiny model
@@ -184,6 +186,7 @@ def test_qat_from_the_start_scores_what_the_artifact_scores(demo_data, tmp_path,
     assert final["roundtrip_val_bpb"] == pytest.approx(final["val_bpb"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_late_qat_switches_on_at_the_first_step_below_the_threshold(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(quant, "KEEP_FLOAT_MAX_NUMEL", 256)
     events = train(demo_data, tmp_path, "torch", "--set", "artifact.qat='late'", "--set", "artifact.scheme='int6'",

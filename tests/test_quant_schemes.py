@@ -138,6 +138,7 @@ def test_bad_names_and_rules():
             compose_scheme("int6", rules)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", sorted(CODECS))
 def test_artifact_round_trip_and_determinism_per_codec(codec):
     w = weights_for_rules(1)

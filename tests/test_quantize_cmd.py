@@ -1,6 +1,7 @@
 """`loopgolf quantize`: weights to an artifact that reads back to the same dequantized weights."""
 
 import numpy as np
+import pytest
 
 from core.artifact import build_artifact, read_artifact
 from core.params import init_weights
@@ -11,6 +12,7 @@ from tools.cli import main
 SPEC = ModelSpec.from_table({"vocab_size": 512, "model_dim": 256, "num_heads": 4, "num_kv_heads": 2, "layer_plan": "2x2"})
 
 
+@pytest.mark.slow
 def test_quantize_writes_the_artifact_a_run_would(tmp_path, capsys):
     weights = init_weights(SPEC, 7)
     save_weights(tmp_path / "w.safetensors", SPEC, weights)

@@ -206,6 +206,7 @@ def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
 
 # ---- parity through --set --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", PLANS)
 def test_parity_with_all_options_on(plan):
     """`loopgolf parity --config configs/demo.toml --small --set model.<option>=true ...` (demo: ~2 s a plan;

@@ -94,6 +94,7 @@ def start_and_stop(cmd, out, sig, min_step):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, extra", [("mlx", ()), ("torch", ()), ("torch", ("--nproc", "2"))],
                          ids=["mlx", "torch", "torch-2ranks"])
 def test_sigterm_sigkill_and_resume_match_an_uninterrupted_run(backend, extra, demo_data, tmp_path):

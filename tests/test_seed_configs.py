@@ -53,6 +53,7 @@ def test_layer_sharing_matches_its_6_0m():
     assert n == 3 * block + 1024 * 512 + 4 * 512 and round(n / 1e6, 1) == 6.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_after_one_step_every_parameter_trains_in_exactly_one_group(name):
     """From the init (zero-init projections, gates and embeddings give many tensors no gradient at step 0,
@@ -77,6 +78,7 @@ def unrolled(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, num_blocks=spec.num_layers, layer_plan=tuple(range(spec.num_layers)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [c for c in CONFIGS if not any(getattr(small(c), o) for o in LOOP_OPTIONS)])
 def test_shared_block_gradient_is_the_sum_over_its_uses(name):
     spec = small(name)

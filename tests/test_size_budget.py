@@ -31,6 +31,7 @@ def number(pattern: str, text: str) -> int:
     return int(m.group(1).replace(",", ""))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", ["zlib", "zstd"])
 def test_size_config_matches_the_artifact_it_would_build(capsys, codec):
     sets = ["--set", f"artifact.codec={codec}", "--set", "artifact.scheme=int6",
@@ -55,6 +56,7 @@ def test_size_config_matches_the_artifact_it_would_build(capsys, codec):
     assert number(r"estimate for trained weights.*?: ([\d,]+) B", out) == est
 
 
+@pytest.mark.slow
 def test_size_run_on_a_hand_built_run(tmp_path, capsys):
     cfg = load_config(DEMO)
     w = init_weights(cfg.model, 1)
@@ -79,6 +81,7 @@ def test_size_argument_errors(tmp_path, capsys):
     assert "expected one artifact" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_estimate_tracks_exact_bytes_on_gaussian_weights():
     cfg = load_config("configs/ut_3x4.toml", ["model.model_dim=256"])
     rng = np.random.default_rng(0)
@@ -107,6 +110,7 @@ def test_budget_search_fits_and_sorts():
     assert max(c.unique_params for c in int5) > max(c.unique_params for c in int8)
 
 
+@pytest.mark.slow
 def test_budget_command(capsys):
     code, out = run(capsys, ["budget", "--config", DEMO, "--bytes", "1000000", "--widths", "128,256,384",
                              "--blocks", "1,2,3", "--schemes", "int8,int6", "--top", "0"])

@@ -36,6 +36,7 @@ def coverage(plan, world: int = 1):
     return counts, per_rank
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 400), window=st.integers(1, 48), data=st.data(), world=st.integers(1, 5))
 def test_every_target_is_scored_exactly_once_with_the_longest_context(n, window, data, world):
@@ -165,6 +166,7 @@ def build(backend, seq_len=16):
     return TorchTrainer(SPEC, random_weights(), train, OptimConfig(), device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_stride_equal_to_the_window_is_the_standard_eval(backend):
     model = build(backend)

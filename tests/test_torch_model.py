@@ -154,6 +154,7 @@ def test_optimizer_steps_match_mlx(clip):
     assert float(ts["step"]) == float(ms["step"]) == 3
 
 
+@pytest.mark.slow
 def test_loss_and_update_capture_as_full_graphs(monkeypatch):
     """The CUDA path compiles the loss with fullgraph=True and the optimizer pieces with torch.compile. Trace
     them here with the aot_eager backend (no codegen, so CPU-only CI runs it in seconds): a graph break from

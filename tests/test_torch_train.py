@@ -48,6 +48,7 @@ def run_steps(trainer, steps):
     return np.array([trainer.train_step(mbs, 1.0, muon_momentum(i, OPTIM)) for i, mbs in enumerate(steps)])
 
 
+@pytest.mark.slow
 def test_ten_steps_match_mlx():
     pytest.importorskip("mlx.core")
     from backend_mlx.trainer import MLXTrainer
@@ -103,6 +104,7 @@ def loopgolf_train(demo_data, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(demo_data, tmp_path):
     two = loopgolf_train(demo_data, tmp_path / "two", "--nproc", "2")
     one = loopgolf_train(demo_data, tmp_path / "one", "--nproc", "1", "--set", "train.grad_accum_steps=2")
@@ -124,6 +126,7 @@ def test_two_processes_match_one(demo_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_the_wallclock_stop(demo_data, tmp_path):
     run = loopgolf_train(demo_data, tmp_path / "cap", "--nproc", "2", "--set", "train.iterations=100000",
                          "--set", "train.max_wallclock_seconds=0.2")
@@ -141,6 +144,7 @@ def test_cuda_compiled_bf16_step_tracks_cpu_fp32():
     np.testing.assert_allclose(gpu, cpu, atol=5e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_train_compile_setting_picks_the_compiled_path(tmp_path):
     """train.compile: 'auto' compiles on CUDA only, 'on'/'off' force it; anything else is one config error.
     (Only the choice is checked here: an inductor compile on a CPU takes 25-70 s, measured in docs/benchmarks.md.)"""

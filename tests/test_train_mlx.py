@@ -33,6 +33,7 @@ def events(out, kind):
     return [e for e in lines if e["event"] == kind]
 
 
+@pytest.mark.slow
 def test_val_bpb_falls_well_below_its_step0_value(tiny_run):
     vals = events(tiny_run, "val")
     assert [v["step"] for v in vals] == [0, 40]
@@ -41,6 +42,7 @@ def test_val_bpb_falls_well_below_its_step0_value(tiny_run):
     assert end < 0.8 * start, (start, end)
 
 
+@pytest.mark.slow
 def test_run_directory_holds_what_the_contract_says(tiny_run):
     for name in ("config.toml", "train.log", "metrics.jsonl", "model.safetensors", "model.int8-zlib.art"):
         assert (tiny_run / name).is_file(), name
@@ -58,6 +60,7 @@ def test_run_directory_holds_what_the_contract_says(tiny_run):
     assert "step:40/40 val_loss:" in log and "final_int8_zlib_roundtrip_exact val_loss:" in log
 
 
+@pytest.mark.slow
 def test_saved_weights_and_artifact_describe_the_trained_model(tiny_run):
     spec, weights = load_weights(tiny_run / "model.safetensors")
     assert spec.layer_plan == (0, 1, 0, 1) and spec.model_dim == 32
