@@ -47,6 +47,7 @@ class RunLog:
         self.progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
         self._bar: _Progress | _NoProgress = _NoProgress()
         self._log = self._metrics = None
+        self.sinks: list = []  # trackers (tools/track.py): each gets every record, on rank 0 only
         if self.enabled and out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._log = open(out_dir / "train.log", "a", encoding="utf-8")
@@ -69,6 +70,20 @@ class RunLog:
             record = {"event": kind, **{k: _jsonable(v) for k, v in fields.items()}}
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
+            self._send(record)
+
+    def add_sink(self, sink) -> None:
+        if self.enabled:
+            self.sinks.append(sink)
+
+    def _send(self, record: dict) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink.event(record)
+            except Exception as e:  # noqa: BLE001 - tracking is optional: it never stops a run
+                self.sinks.remove(sink)
+                self.line(f"tracking: {getattr(sink, 'name', sink)} failed ({type(e).__name__}: {e}); "
+                          "continuing without it (metrics.jsonl has everything)")
 
     def progress(self, total: int):
         if self.enabled and self.progress_bar:
@@ -81,6 +96,12 @@ class RunLog:
 
     def close(self) -> None:
         self.close_progress()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:  # noqa: BLE001
+                self.line(f"tracking: {getattr(sink, 'name', sink)} did not close cleanly ({type(e).__name__}: {e})")
+        self.sinks = []
         for f in (self._log, self._metrics):
             if f:
                 f.close()

@@ -44,10 +44,18 @@ def resolve_backend(name: str) -> str:
 
 
 def build_backend(name: str, spec, weights, train, optim, **kwargs):
+    """The trainer, with its framework's random generator seeded from train.seed: the only draws after
+    init_weights are noisy QAT's (artifact.qat_noise), and they follow the seed like everything else."""
     if name == "mlx":
+        import mlx.core as mx
+
         from backend_mlx.trainer import MLXTrainer
 
+        mx.random.seed(train.seed)
         return MLXTrainer(spec, weights, train, optim)
+    import torch
+
     from backend_torch.trainer import TorchTrainer
 
+    torch.manual_seed(train.seed)  # every rank the same: the noise perturbs replicated weights
     return TorchTrainer(spec, weights, train, optim, **kwargs)

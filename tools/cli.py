@@ -29,6 +29,9 @@ COMMANDS = {
     "convert": ("tools.convert", "run_convert"),
     "bench": ("tools.bench", "run_bench"),
     "eval": ("tools.eval", "run_eval"),
+    "sweep": ("tools.sweep", "run_sweep"),
+    "compare": ("tools.compare", "run_compare"),
+    "plot": ("tools.plot", "run_plot"),
     "data": ("tools.data", "run_data"),
 }
 
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "524,288-token batches of 1024, 600 s cap, data/fineweb10B_sp1024)")
     train.add_argument("--dry-run", action="store_true",
                        help="print the resolved run (world size, batch split, parameters, memory estimate) and exit")
+    train.add_argument("--log-to", choices=["tensorboard", "wandb"],
+                       help="also send the metrics to TensorBoard or wandb (rank 0; pip install 'loopgolf[track]')")
 
     size = sub.add_parser("size", help="parameters and artifact bytes vs 16,000,000: a config (before) or a run (after)")
     _add_config_args(size, required=False)
@@ -76,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     from tools.eval import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    from tools.compare import add_parser as add_compare_parser
+    from tools.plot import add_parser as add_plot_parser
+    from tools.sweep import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
+    add_compare_parser(sub)
+    add_plot_parser(sub)
     from tools.data import add_parser as add_data_parser
 
     add_data_parser(sub)

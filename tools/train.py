@@ -22,6 +22,7 @@ from core.shards import load_val_tokens
 from core.tokenizer import load_tokenizer
 from core.weights import load_weights
 from tools.backends import build_backend, resolve_backend
+from tools.track import attach_tracker, check_available
 
 
 def default_out_dir(cfg_path: str, stamp: float | None = None) -> Path:
@@ -161,6 +162,7 @@ def run_train(args) -> int:
     cfg = load_run_config(args, profile_defaults)
     if args.dry_run:
         return dry_run(args, cfg, backend_name, nproc, note)
+    check_available(getattr(args, "log_to", None))  # a missing tracker library fails before training
     data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
     sp = load_tokenizer(data.tokenizer_path)
     check_vocab(sp, cfg.model.vocab_size, data.tokenizer_path)
@@ -192,6 +194,7 @@ def run_train(args) -> int:
         atomic_write_text(out_dir / "config.toml", cfg.to_toml())
     log = RunLog(out_dir, backend.rank, progress_bar=args.progress)
     try:
+        attach_tracker(log, getattr(args, "log_to", None), out_dir, cfg)
         unique, effective = count_params(cfg.model)
         t = cfg.train
         log.line(f"loopgolf train: {args.config} -> {out_dir}")
