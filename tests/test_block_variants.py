@@ -2,9 +2,10 @@
 mlp_activation and mlp_hidden.
 
 As tests/test_recurrence_options.py: cross_repeat_skips is zero-initialised, so switching it on leaves the
-step-0 logits; unet_skips = false and the MLP variants change the function by design, so for them the test is
-agreement with the numpy float64 reference of tests/test_mlx_model.py. For all: MLX and torch agree, every
-parameter gets a gradient and sits in exactly one optimizer group, and `loopgolf parity` passes with them on.
+step-0 logits; unet_skips = false and the MLP variants change the function by design. Here: validation, the
+parameter table, identity at init, and `loopgolf parity` with them on; tests/test_model_runner.py runs each
+(and all together) against the numpy float64 reference, MLX against torch, and checks the gradients, the
+optimizer groups and the reached rows of cross_repeat_scales.
 """
 
 from __future__ import annotations
@@ -25,17 +26,10 @@ from core.errors import UserError  # noqa: E402
 from core.params import SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
-from tests.test_mlx_model import reference_logits  # noqa: E402
-from tests.test_recurrence_options import ALL_ON, LOGIT_ATOL, PLANS, TINY, checked_grads, one_step_in_both, spec_for, tokens  # noqa: E402
+from tests.helpers import ALL_ON, PLANS, TINY, spec_for, tokens  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {
-    "no_unet": {"unet_skips": False},
-    "cross_repeat": {"cross_repeat_skips": True},
-    "leaky": {"mlp_activation": "leaky_relu2"},
-    "hidden": {"mlp_hidden": 40},
-}
 EVERYTHING = {"unet_skips": False, "cross_repeat_skips": True, "mlp_activation": "leaky_relu2", "mlp_hidden": 40}
 
 
@@ -85,48 +79,6 @@ def test_cross_repeat_skips_at_init_leave_the_logits(plan):
         np.testing.assert_array_equal(backend.forward_logits(on, w_on, x), backend.forward_logits(off, w_off, x))
     moved = {**w_on, "cross_repeat_scales": w_on["cross_repeat_scales"] + 0.1}
     assert np.abs(backend_torch.forward_logits(on, moved, x) - backend_torch.forward_logits(on, w_on, x)).max() > 1e-3
-
-
-CASES = [(v, p) for v in VARIANTS for p in PLANS] + [("all", p) for p in PLANS] + [("all+conditioning", "2x3")]
-
-
-def options_for(variant: str) -> dict:
-    if variant == "all":
-        return EVERYTHING
-    if variant == "all+conditioning":
-        return {**EVERYTHING, **ALL_ON, "loop_gate_init": 0.7}
-    return VARIANTS[variant]
-
-
-@pytest.mark.parametrize("variant,plan", CASES)
-def test_backends_and_numpy_reference_agree(variant, plan):
-    spec = spec_for(plan, **options_for(variant))
-    w, x = parity.perturbed_weights(spec, 5), tokens(2)
-    got_m = backend_mlx.forward_logits(spec, w, x)
-    got_t = backend_torch.forward_logits(spec, w, x)
-    assert np.abs(got_m - got_t).max() < LOGIT_ATOL
-    np.testing.assert_allclose(got_m, reference_logits(spec, w, x), atol=1e-4, rtol=0)
-    # The variant is live: the reference of the default spec differs.
-    if variant in ("no_unet", "leaky"):  # (mlp_hidden changes shapes: test_parameter_table covers it)
-        plain = spec_for(plan)
-        w_plain = {i.name: w.get(i.name, init_weights(plain)[i.name]) for i in param_table(plain)}
-        assert np.abs(reference_logits(plain, w_plain, x) - got_m).max() > 1e-3
-
-
-@pytest.mark.parametrize("plan", PLANS)
-def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
-    spec = spec_for(plan, **EVERYTHING, **ALL_ON, loop_gate_init=0.8)
-    w, gm, gt = checked_grads(spec)
-    assert "skip_weights" not in gm
-    # Every (block, repeat) row the plan reaches trains; the rest stay untouched.
-    uses = {b: spec.layer_plan.count(b) for b in range(spec.num_blocks)}
-    rows = np.abs(np.array(gm["cross_repeat_scales"])).max(-1)
-    for b in range(spec.num_blocks):
-        for r in range(spec.num_loops - 1):
-            assert (rows[b, r] > 0) == (r + 1 < uses[b]), (b, r)
-    after_mlx, after_torch = one_step_in_both(spec, w, gm, gt)
-    for got in (after_mlx["cross_repeat_scales"], after_torch["cross_repeat_scales"]):
-        assert np.abs(got - w["cross_repeat_scales"]).max() > 1e-3
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from core.params import init_weights
 from core.runlog import RunLog
 from core.shards import shard_name, write_shard
 from core.weights import load_weights
-from tests.stand_in_backend import StandInBackend
+from tests.helpers import StandInBackend
 
 MODEL = {"vocab_size": 64, "model_dim": 16, "num_heads": 2, "num_kv_heads": 1, "layer_plan": "2x2"}
 TRAIN = {"iterations": 20, "batch_tokens": 64, "seq_len": 16, "warmup_steps": 0, "val_every": 0, "log_every": 0,

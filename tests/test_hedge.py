@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.hedge import COUNT_ALPHA, INITIAL_LOG_WEIGHTS, TRIGRAM_ALPHA, HedgeMixer, stream_contexts, trigram_bucket
+from tests.helpers import TINY, perturbed, spec_for, trainer
 
 BUCKETS = 97  # small hashed-trigram tables for the tests (the hash and the smoothing are the same)
+VOCAB = TINY["vocab_size"]
 
 
 def log_softmax(z):
@@ -122,9 +124,7 @@ def test_the_mixer_learns_a_repetitive_stream():
 def test_the_neural_expert_is_the_backends_full_softmax(backend):
     """eval_log_probs is a distribution whose target entries are eval_token_losses; mixed with the count
     experts it still sums to 1, and the target-only path the eval uses scores the same mixture."""
-    from tests.test_sliding import VOCAB, build
-
-    model = build(backend)
+    model = trainer(backend, spec_for("2x2"), perturbed(spec_for("2x2")))
     rng = np.random.default_rng(4)
     tokens = rng.integers(0, VOCAB, 2 * 16 + 1)
     x, y = tokens[:-1].reshape(2, 16), tokens[1:].reshape(2, 16)

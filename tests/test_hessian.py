@@ -13,8 +13,8 @@ from backend_torch import model as torch_model  # noqa: E402
 from backend_torch.trainer import TorchTrainer  # noqa: E402
 from core.artifact import load_quantized, read_artifact  # noqa: E402
 from core.config import OptimConfig, TrainConfig  # noqa: E402
-from core.params import init_weights  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
+from tests.helpers import perturbed  # noqa: E402
 from tools.cli import main  # noqa: E402
 
 BASE = {"vocab_size": 64, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2}
@@ -23,12 +23,6 @@ UNROLLED = ModelSpec.from_table({**BASE, "layer_plan": "0 1 2 3"})  # one block 
 TRAIN = TrainConfig(compute_dtype="float32")
 MATRICES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight", "mlp.fc.weight",
             "mlp.proj.weight")
-
-
-def random_weights(spec, seed=0):
-    """Init weights with every tensor perturbed: the zero-init projections would make all layers' inputs alike."""
-    rng = np.random.default_rng(seed)
-    return {k: (v + 0.05 * rng.normal(size=v.shape)).astype(np.float32) for k, v in init_weights(spec, 3).items()}
 
 
 def batches(n=3, batch=2, seq=16, vocab=64, seed=1):
@@ -41,7 +35,7 @@ def torch_hessians(spec, weights, data):
 
 
 def test_a_shared_block_hessian_is_the_sum_over_its_applications():
-    shared = random_weights(SHARED)
+    shared = perturbed(SHARED, init_seed=3)
     # The same function unrolled: blocks 2 and 3 are copies of 0 and 1, so each application has its own weights.
     unrolled = dict(shared)
     for b in (0, 1):
@@ -63,7 +57,7 @@ def test_a_shared_block_hessian_is_the_sum_over_its_applications():
 
 def test_hessian_of_a_query_projection_is_x_transpose_x_of_its_inputs():
     spec = ModelSpec.from_table({**BASE, "layer_plan": "2x2", "unet_skips": False})
-    weights = random_weights(spec)
+    weights = perturbed(spec, init_seed=3)
     data = batches(n=2)
     h = torch_hessians(spec, weights, data)["blocks.0.attn.c_q.weight"]
     # By hand: block 0's attention input at layer 0 and at layer 2 (its second application), in float64.
@@ -86,7 +80,7 @@ def test_mlx_and_torch_hessians_agree():
     pytest.importorskip("mlx.core")
     from backend_mlx.trainer import MLXTrainer
 
-    weights, data = random_weights(SHARED, seed=4), batches(seed=5)
+    weights, data = perturbed(SHARED, 4, init_seed=3), batches(seed=5)
     h_torch = torch_hessians(SHARED, weights, data)
     h_mlx = MLXTrainer(SHARED, weights, TRAIN, OptimConfig()).hessians(data)
     assert set(h_mlx) == set(h_torch)
@@ -154,7 +148,7 @@ def test_quantize_gptq_needs_a_run_config(tmp_path, capsys):
     from core.weights import save_weights
 
     wide = ModelSpec.from_table({**BASE, "layer_plan": "2x2", "mlp_hidden": 2080})  # MLP matrices GPTQ applies to
-    save_weights(tmp_path / "w.safetensors", wide, random_weights(wide))
+    save_weights(tmp_path / "w.safetensors", wide, perturbed(wide, init_seed=3))
     assert main(["quantize", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "x.art"), "--scheme", "int6",
                  "--gptq"]) == 2
     assert "config.toml" in capsys.readouterr().err and not (tmp_path / "x.art").exists()

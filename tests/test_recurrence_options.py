@@ -1,14 +1,12 @@
 """Per-iteration conditioning of the shared blocks (issue 5, items 1-3), in both backends.
 
-For each option (core.spec.ModelSpec documents the forward pass):
-(a) switching it on at its initial values leaves the logits of a model with the same other weights as
-    they were (identity / zero init);
-(b) with every weight perturbed, MLX and torch give the same logits;
-(c) every new parameter gets a nonzero gradient in both backends (per row, for the per-layer and per-loop
-    tables: a wrong index would leave a row untrained), sits in exactly one optimizer group, and one
-    optimizer step moves it (PR #1110's iteration embeddings were in no group and never trained);
-(d) MLX agrees with the numpy float64 reference of tests/test_mlx_model.py;
-and `loopgolf parity` passes with all options on, through --set.
+For each option (core.spec.ModelSpec documents the forward pass): it validates and round-trips, its tensors
+are in the parameter table, switching it on at its initial values leaves the logits of a model with the
+same other weights as they were (identity / zero init), and `loopgolf parity` passes with all options on,
+through --set. tests/test_model_runner.py runs each (and all together) against the numpy float64 reference
+and MLX against torch, and checks that every new parameter gets a nonzero gradient in both backends (per
+row, for the per-layer and per-loop tables), sits in exactly one optimizer group and moves in one step
+(PR #1110's iteration embeddings were in no group and never trained).
 """
 
 from __future__ import annotations
@@ -30,16 +28,14 @@ from backend_torch import model as tm  # noqa: E402
 from backend_torch.optim import init_state as torch_init_state, make_update as torch_make_update  # noqa: E402
 from core.config import OptimConfig, load_config  # noqa: E402
 from core.errors import UserError  # noqa: E402
-from core.params import GROUPS, SCALAR, count_params, init_weights, param_table  # noqa: E402
+from core.params import SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
-from tests.test_mlx_model import reference_logits  # noqa: E402
+from tests.helpers import ALL_ON, PLANS, spec_for, tokens  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"vocab_size": 64, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2}
 OPTIONS = ("iter_embeds", "loop_embeds", "per_layer_scales", "iter_scales", "layer_gains", "loop_gates")
-ALL_ON = {o: True for o in OPTIONS}
 # The new tensors of each option (and, for per_layer_scales, the per-block ones they replace).
 NEW = {
     "iter_embeds": {"iter_embeds"},
@@ -49,16 +45,6 @@ NEW = {
     "layer_gains": {"layer_in_gains", "layer_out_gains"},
     "loop_gates": {"loop_gates"},
 }
-PLANS = ("2x3", "0 1 2 1 2 3")  # cyclic, and a middle-looped plan whose loop index goes 0 0 0 1 1 0
-LOGIT_ATOL = 2e-5  # MLX vs torch in fp32, as tests/test_torch_model.py (observed <= 4e-7 there)
-
-
-def spec_for(plan: str, **options) -> ModelSpec:
-    return ModelSpec.from_table({**TINY, "layer_plan": plan, **options})
-
-
-def tokens(seed=1, batch=2, seq=16):
-    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], (batch, seq))
 
 
 # ---- the spec --------------------------------------------------------------------------------------------
@@ -114,7 +100,7 @@ def test_parameter_table_shapes_groups_and_fp32_export():
     assert effective - count_params(base)[1] == extra - 3 * 3 * (2 * d + 2 * d)  # each block ran 4x, counted 1x
 
 
-# ---- (a) identity at init --------------------------------------------------------------------------------
+# ---- identity at init ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("option", OPTIONS)
@@ -146,62 +132,6 @@ def test_loop_gate_init_below_one_pulls_toward_x0():
     w_third = {**w, "loop_gates": init_weights(third)["loop_gates"]}
     assert np.allclose(w_third["loop_gates"], 1 / 3)
     assert np.abs(backend_mlx.forward_logits(third, w_third, x) - backend_mlx.forward_logits(spec_for("2x3"), w, x)).max() > 1e-2
-
-
-# ---- (b) MLX vs torch and (d) numpy reference, perturbed ---------------------------------------------------
-
-CASES = [(o, p) for o in OPTIONS for p in PLANS] + [("all", p) for p in PLANS]
-
-
-@pytest.mark.parametrize("option,plan", CASES)
-def test_backends_and_numpy_reference_agree(option, plan):
-    options = ALL_ON if option == "all" else {option: True}
-    if "loop_gates" in options:
-        options = {**options, "loop_gate_init": 0.7}
-    spec = spec_for(plan, **options)
-    w, x = parity.perturbed_weights(spec, 5), tokens(2)
-    got_m = backend_mlx.forward_logits(spec, w, x)
-    got_t = backend_torch.forward_logits(spec, w, x)
-    assert np.abs(got_m - got_t).max() < LOGIT_ATOL
-    # fp32 against float64, as tests/test_mlx_model.py: errors near 1e-6, a wrong formula moves >= 1e-2.
-    np.testing.assert_allclose(got_m, reference_logits(spec, w, x), atol=1e-4, rtol=0)
-
-
-# ---- (c) gradients and optimizer groups -------------------------------------------------------------------
-
-def checked_grads(spec: ModelSpec, seed: int = 7):
-    """Perturbed weights and their gradients in both backends, (w, MLX grads, torch grads), after checking
-    that every parameter of the table, and nothing else, gets a nonzero gradient, the same in both (to 1e-4
-    of its largest entry: fp32 sums in different orders), and sits in an optimizer group."""
-    table = param_table(spec)
-    w = parity.perturbed_weights(spec, seed)
-    gm, gt = grads_in_both(spec, w)
-    assert set(gm) == {i.name for i in table}
-    for info in table:
-        g_m, g_t = np.array(gm[info.name]), gt[info.name].numpy()
-        assert np.abs(g_m).max() > 0 and np.abs(g_t).max() > 0, f"{info.name} gets no gradient"
-        np.testing.assert_allclose(g_m, g_t, atol=1e-6 + 1e-4 * np.abs(g_t).max(), rtol=0, err_msg=info.name)
-        assert info.group in GROUPS
-    return w, gm, gt
-
-
-@pytest.mark.parametrize("plan", PLANS)
-def test_every_parameter_gets_a_gradient_and_a_group_and_moves(plan):
-    spec = spec_for(plan, **ALL_ON, loop_gate_init=0.8)
-    w, gm, gt = checked_grads(spec)
-    new = set().union(*NEW.values())
-    for info in param_table(spec):
-        g_m = np.array(gm[info.name])
-        if info.name in new and len(info.shape) > 1:  # every layer's (or loop's) row trains
-            rows = np.abs(g_m.reshape(info.shape[0], -1)).max(1)
-            assert (rows > 0).all(), f"{info.name}: rows {np.flatnonzero(rows == 0).tolist()} get no gradient"
-        if info.name in ("layer_in_gains", "layer_out_gains", "loop_gates"):
-            assert (np.abs(g_m) > 0).all(), info.name
-    # Exactly one optimizer group holds each parameter, in both backends, and one step moves it.
-    after_mlx, after_torch = one_step_in_both(spec, w, gm, gt)
-    for name in new:  # Adam's first step moves every element with a nonzero gradient by about scalar_lr
-        assert np.abs(after_mlx[name] - w[name]).max() > 1e-3, name
-        assert np.abs(after_torch[name] - w[name]).max() > 1e-3, name
 
 
 # ---- parity through --set --------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 rescale and the phase init of resid_mix. core.spec.ModelSpec's "seed parts" give the forward pass.
 
 For each: the spec validates and round-trips; the parameter table has REFERENCE.md's shapes, groups and
-inits; MLX == torch == the numpy float64 reference of tests/test_mlx_model.py; the zero-initialised ones
-start as the identity and the others change the function; every new tensor gets a gradient in both
-backends, sits in one optimizer group and moves in one step; `loopgolf parity` passes with all on.
+inits; the zero-initialised ones start as the identity and the others change the function; truncated
+plans keep what they still have; `loopgolf parity` passes with all on. tests/test_model_runner.py runs each
+(and all together) against the numpy float64 reference, MLX against torch, and checks that every new
+tensor gets a gradient in both backends, sits in one optimizer group and moves in one step.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from core.errors import UserError  # noqa: E402
 from core.params import EMBED, MATRIX, SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
-from tests.test_mlx_model import reference_logits  # noqa: E402
-from tests.test_recurrence_options import (  # noqa: E402
-    LOGIT_ATOL, PLANS, TINY, checked_grads, one_step_in_both, spec_for, tokens)
+from tests.helpers import REFERENCE_ATOL, TINY, reference_logits, spec_for, tokens  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +88,7 @@ def test_parameter_table_shapes_groups_and_inits():
     d, L = TINY["model_dim"], 6
     table = {i.name: i for i in param_table(spec_for("2x3", **ALL))}
     want = {"bigram_emb.weight": ((32, d), EMBED, "zeros"), "ve_shared.embed.weight": ((64, 8), EMBED, "normal"),
-            "ve_shared.proj.weight": ((16, 8), MATRIX, "zeros"), "ve_shared.scale": ((1,), SCALAR, "const"),
+            "ve_shared.proj.weight": ((16, 8), MATRIX, "uniform_fan_in"), "ve_shared.scale": ((1,), SCALAR, "const"),
             "ve_layer_scales": ((2,), SCALAR, "ones"), "vrl_alphas": ((L - 1,), SCALAR, "zeros"),
             "loop_gates": ((2,), SCALAR, "const")}  # seed319: no gate after the first of the 3 loops
     for name, (shape, group, init) in want.items():
@@ -135,7 +134,7 @@ def test_orthogonal_init_and_projection_rescale():
         np.testing.assert_allclose(small_side, gain**2 * np.eye(min(m.shape)), atol=1e-5, err_msg=name)
         assert table[name].init == "orthogonal"
     assert table["blocks.1.attn.c_k.weight"].init == "uniform_fan_in"  # (32, 128): below 64 rows
-    assert table["ve_shared.proj.weight"].init == "zeros"  # (32, 64): below 64, keeps its module's zero init
+    assert table["ve_shared.proj.weight"].init == "uniform_fan_in"  # (32, 64): below 64, a Linear's default
     assert not w["blocks.0.attn.proj.weight"].any() and not w["blocks.0.mlp.proj.weight"].any()
     # Without the option the same tensors keep their defaults, and other tensors' values do not move.
     plain = init_weights(ModelSpec.from_table({**spec.to_dict(), "ortho_init": False}), 3)
@@ -155,9 +154,9 @@ def test_flops():
         assert flops_per_token(spec_for("2x3", **OPTIONS[option]), 16) == base, option
 
 
-# ---- forward: identity at init, liveness, backends and numpy reference ------------------------------------
+# ---- forward: identity at init and liveness --------------------------------------------------------------
 
-IDENTITY = ("bigram_table", "ve", "ve_full_width")  # zero table / zero projection: step 0 unchanged
+IDENTITY = ("bigram_table", "ve_full_width")  # a zero table: step 0 unchanged (VE's with its table zeroed)
 
 
 @pytest.mark.parametrize("option", IDENTITY)
@@ -165,7 +164,7 @@ def test_zero_initialised_options_leave_the_initial_logits(option):
     off, on = spec_for("2x3"), spec_for("2x3", **OPTIONS[option])
     w_off = parity.perturbed_weights(off, 3)
     init_on = init_weights(on, 3)
-    if option == "ve_full_width":  # no projection: the table itself must be zero for the identity
+    if option == "ve_full_width":  # N(0, 0.01) in the seed: zeroed here, VE into V adds nothing
         init_on["ve_shared.embed.weight"] = np.zeros_like(init_on["ve_shared.embed.weight"])
     w_on = {**init_on, **w_off}
     x = tokens()
@@ -176,17 +175,19 @@ def test_zero_initialised_options_leave_the_initial_logits(option):
     assert np.abs(backend_torch.forward_logits(on, moved, x) - backend_torch.forward_logits(on, w_on, x)).max() > 1e-3
 
 
-@pytest.mark.parametrize("option", ["vrl", "ln_scale", "seed319", "phase"])
+@pytest.mark.parametrize("option", ["ve", "vrl", "ln_scale", "seed319", "phase"])
 def test_the_other_parts_change_the_function(option):
-    """VRL adds half of layer 0's V at init, ln_scale shrinks the later blocks' inputs, #319's gates start at
-    1/3 and skip the first loop, the phase init moves resid_mix: none is the identity (REFERENCE.md)."""
+    """VE adds its (small) table to V, VRL half of layer 0's V at init, ln_scale shrinks the later blocks'
+    inputs, #319's gates start at 1/3 and skip the first loop, the phase init moves resid_mix: none is the
+    identity (REFERENCE.md)."""
     off, on = spec_for("2x3"), spec_for("2x3", **OPTIONS[option])
     w_off = parity.perturbed_weights(off, 3)
     init_on = init_weights(on, 3)
     w_on = {k: init_on[k] if (k in NEW[option] or option == "phase" and k.endswith("resid_mix")) else w_off[k]
             for k in init_on}
     x = tokens()
-    assert np.abs(backend_mlx.forward_logits(on, w_on, x) - backend_mlx.forward_logits(off, w_off, x)).max() > 1e-3
+    moved = np.abs(backend_mlx.forward_logits(on, w_on, x) - backend_mlx.forward_logits(off, w_off, x)).max()
+    assert moved > (1e-5 if option == "ve" else 1e-3)  # VE's table is N(0, 0.01) x 0.1: ~3e-4 here, fp32 noise ~1e-7
 
 
 def test_seed319_gates_skip_the_first_loop():
@@ -205,36 +206,6 @@ def test_seed319_gates_skip_the_first_loop():
     np.testing.assert_allclose(got, same, atol=1e-6, rtol=0)
 
 
-CASES = [(o, p) for o in OPTIONS for p in PLANS] + [("all", p) for p in PLANS]
-
-
-@pytest.mark.parametrize("option,plan", CASES)
-def test_backends_and_numpy_reference_agree(option, plan):
-    options = ALL if option == "all" else OPTIONS[option]
-    if plan == "0 1 2 1 2 3" and "ve_layers" in options:
-        options = {**options, "ve_layers": options["ve_layers"].replace("1,", "2,")}
-    spec = spec_for(plan, **options)
-    w, x = parity.perturbed_weights(spec, 5), tokens(2)
-    got_m = backend_mlx.forward_logits(spec, w, x)
-    got_t = backend_torch.forward_logits(spec, w, x)
-    assert np.abs(got_m - got_t).max() < LOGIT_ATOL
-    np.testing.assert_allclose(got_m, reference_logits(spec, w, x), atol=1e-4, rtol=0)
-
-
-# ---- gradients, groups and one step ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("plan", PLANS)
-def test_every_new_parameter_gets_a_gradient_a_group_and_moves(plan):
-    spec = spec_for(plan, **ALL, ortho_init=True)
-    w, gm, gt = checked_grads(spec)
-    for name in ("ve_layer_scales", "vrl_alphas", "loop_gates"):  # every entry: a wrong index leaves one dead
-        assert (np.abs(np.array(gm[name])) > 0).all(), name
-    after_mlx, after_torch = one_step_in_both(spec, w, gm, gt)
-    for name in set().union(*NEW.values()):
-        assert np.abs(after_mlx[name] - w[name]).max() > 1e-4, name
-        assert np.abs(after_torch[name] - w[name]).max() > 1e-4, name
-
-
 def test_truncated_plans_keep_the_parts_they_still_have():
     """Progressive depth's truncated model: VE only at the layers it has, #319's gates off with one loop."""
     spec = spec_for("2x3", **ALL)
@@ -247,7 +218,7 @@ def test_truncated_plans_keep_the_parts_they_still_have():
         sub = truncated_spec(spec, layers)
         ws = truncate_weights(spec, w, layers)
         np.testing.assert_allclose(backend_mlx.forward_logits(sub, ws, tokens()), reference_logits(sub, ws, tokens()),
-                                   atol=1e-4, rtol=0)
+                                   atol=REFERENCE_ATOL, rtol=0)
 
 
 # ---- parity through --set ------------------------------------------------------------------------------------

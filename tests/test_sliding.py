@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.bpb import ByteLuts
-from core.config import OptimConfig, TrainConfig
 from core.errors import UserError
 from core.loop import evaluate
 from core.params import init_weights
 from core.sliding import plan_windows, rank_windows, sliding_eval, sliding_sums
 from core.spec import ModelSpec
 from core.tolerances import TOLERANCES
+from tests.helpers import trainer
 
 VOCAB = 64
 SPEC = ModelSpec.from_table({"vocab_size": VOCAB, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2,
@@ -154,16 +154,7 @@ def random_weights(seed=0):
 
 
 def build(backend, seq_len=16):
-    train = TrainConfig(seq_len=seq_len, batch_tokens=seq_len, compute_dtype="float32")
-    if backend == "mlx":
-        pytest.importorskip("mlx.core")
-        from backend_mlx.trainer import MLXTrainer
-
-        return MLXTrainer(SPEC, random_weights(), train, OptimConfig())
-    pytest.importorskip("torch")
-    from backend_torch.trainer import TorchTrainer
-
-    return TorchTrainer(SPEC, random_weights(), train, OptimConfig(), device="cpu")
+    return trainer(backend, SPEC, random_weights(), seq_len)
 
 
 @pytest.mark.slow
