@@ -54,10 +54,13 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
         table.append(ParamInfo(f"value_embeds.{e}.weight", (v, d), "normal", EMBED, 1.0))
     if spec.bigram_table_size:  # #470: zero-initialised, trained with the embedding (its token group)
         table.append(ParamInfo("bigram_emb.weight", (spec.bigram_table_size, d), "zeros", EMBED))
-    if spec.ve_layers:  # #1110's ValueEmbedding: table N(0, 0.01), projection 0, scale 0.1; one scale per layer
+    # #1110's ValueEmbedding: table N(0, 0.01), scale 0.1, one scale per VE layer; the projection at a Linear's
+    # default init: the seed's module zeroes it, but its orthogonal init (on in its run) overrides that, and a
+    # zero projection would leave the table and scales without a gradient for the first two steps.
+    if spec.ve_layers:
         table.append(ParamInfo("ve_shared.embed.weight", (v, spec.ve_dim), "normal", EMBED, 0.01))
         if spec.ve_dim != spec.kv_dim:
-            table.append(ParamInfo("ve_shared.proj.weight", (spec.kv_dim, spec.ve_dim), "zeros", MATRIX))
+            table.append(ParamInfo("ve_shared.proj.weight", (spec.kv_dim, spec.ve_dim), "uniform_fan_in", MATRIX))
         table.append(ParamInfo("ve_shared.scale", (1,), "const", SCALAR, 0.1))
         table.append(ParamInfo("ve_layer_scales", (len(spec.ve_layer_list),), "ones", SCALAR))
     L, R = spec.num_layers, spec.num_loops
