@@ -25,7 +25,7 @@ def recording_linear(params: dict[str, torch.Tensor], sums: dict[str, torch.Tens
     names = {id(t): name for name, t in params.items() if t.ndim == 2}
     original = model.linear
 
-    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def recording(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         name = names.get(id(w))
         if name is not None:
             with torch.autocast(x.device.type, enabled=False):
@@ -34,7 +34,7 @@ def recording_linear(params: dict[str, torch.Tensor], sums: dict[str, torch.Tens
             sums[name] = product if name not in sums else sums[name] + product
         return original(x, w)
 
-    model.linear = linear
+    model.linear = recording
     try:
         yield sums
     finally:

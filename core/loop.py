@@ -31,7 +31,6 @@ from core.params import count_params
 from core.runlog import RunLog
 from core.schedule import lr_multiplier, muon_momentum
 from core.shards import TokenStream, next_batch
-from core.size import code_bytes
 from core.sliding import final_sliding_eval
 from core.weights import save_weights
 
@@ -385,8 +384,9 @@ class Trainer:
                       "exported by plain rounding")
         return False
 
-    def export(self, out_dir: Path, result: dict) -> dict:
-        """Save weights and the artifact, evaluate the dequantized round trip, write the final record."""
+    def export(self, out_dir: Path, result: dict, code_bytes: int) -> dict:
+        """Save weights and the artifact, evaluate the dequantized round trip, write the final record.
+        `code_bytes` is what the submission's code counts (the exported train_gpt.py: tools/export.py)."""
         cfg, b, log = self.cfg, self.backend, self.log
         self._set_layers(cfg.model.num_layers, result.get("steps", 0), " (full depth for the export)")
         result, averaging = self._apply_average(result)
@@ -425,7 +425,7 @@ class Trainer:
         log.line(f"{label} val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         log.line(f"{label}_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
         sliding = final_sliding_eval(b, self.val_tokens, cfg, self.luts, log, label)  # {} unless eval.stride > 0
-        code = code_bytes(b.name)
+        code = code_bytes
         total = code + info.total_bytes
         tag = f"{cfg.artifact.scheme}+{cfg.artifact.codec}"
         log.line(f"Serialized model {tag}: {info.total_bytes} bytes")

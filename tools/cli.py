@@ -33,6 +33,7 @@ COMMANDS = {
     "compare": ("tools.compare", "run_compare"),
     "plot": ("tools.plot", "run_plot"),
     "data": ("tools.data", "run_data"),
+    "export": ("tools.export", "run_export"),
 }
 
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tools.eval import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    from tools.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     from tools.compare import add_parser as add_compare_parser
     from tools.plot import add_parser as add_plot_parser
     from tools.sweep import add_parser as add_sweep_parser

@@ -11,17 +11,16 @@ from pathlib import Path
 
 from core import checkpoint as ckpt_io
 from core.atomic import atomic_write_text
-from core.bpb import build_byte_luts, check_vocab
 from core.config import RunConfig, load_config
 from core.errors import UserError
 from core.loop import Trainer, raise_batch_error
 from core.manifest import resolve_data
 from core.params import MATRIX, count_params, init_weights, param_table
+from core.run import load_eval_data, log_header
 from core.runlog import RunLog
-from core.shards import load_val_tokens
-from core.tokenizer import load_tokenizer
 from core.weights import load_weights
 from tools.backends import build_backend, resolve_backend
+from tools.script import submission_code_bytes
 from tools.track import attach_tracker, check_available
 
 
@@ -164,8 +163,7 @@ def run_train(args) -> int:
         return dry_run(args, cfg, backend_name, nproc, note)
     check_available(getattr(args, "log_to", None))  # a missing tracker library fails before training
     data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
-    sp = load_tokenizer(data.tokenizer_path)
-    check_vocab(sp, cfg.model.vocab_size, data.tokenizer_path)
+    luts, val_tokens = load_eval_data(cfg, data)  # the tokenizer and val split checked before any rank starts
     resume_path = check_resume(args, cfg, data.train_files)
     if nproc > 1 and "RANK" not in os.environ:  # mistakes above are reported once, before any rank starts
         from backend_torch.launch import launch
@@ -174,11 +172,6 @@ def run_train(args) -> int:
         if resume_path:
             ckpt_io.load_checkpoint(resume_path, cfg.model)  # a damaged checkpoint: one error, not one per rank
         return launch(nproc, args.argv)  # the ranks run this same command under torchrun
-    luts = build_byte_luts(sp, cfg.model.vocab_size)
-    val_tokens = load_val_tokens(data.val_files, cfg.train.seq_len)
-    if cfg.train.val_max_tokens:
-        keep = (min(cfg.train.val_max_tokens, len(val_tokens) - 1) // cfg.train.seq_len) * cfg.train.seq_len
-        val_tokens = val_tokens[: keep + 1]
 
     resume = ckpt_io.load_checkpoint(resume_path, cfg.model) if resume_path else None
     weights = resume.weights if resume else initial_weights(cfg, args.init)
@@ -195,22 +188,8 @@ def run_train(args) -> int:
     log = RunLog(out_dir, backend.rank, progress_bar=args.progress)
     try:
         attach_tracker(log, getattr(args, "log_to", None), out_dir, cfg)
-        unique, effective = count_params(cfg.model)
         t = cfg.train
-        log.line(f"loopgolf train: {args.config} -> {out_dir}")
-        log.line(f"backend:{backend.name} device:{backend.device} world_size:{backend.world_size}")
-        log.line(f"model: {cfg.model.describe()}")
-        log.line(f"model_params:{unique} effective_params:{effective}")
-        log.line(
-            f"train_batch_tokens:{t.batch_tokens} train_seq_len:{t.seq_len} grad_accum_steps:{t.grad_accum_steps} "
-            f"iterations:{t.iterations} warmup_steps:{t.warmup_steps} max_wallclock_seconds:{t.max_wallclock_seconds:g}"
-        )
-        log.line(
-            f"data:{data.dataset_dir} train_shards:{len(data.train_files)} val_tokens:{len(val_tokens) - 1} "
-            f"tokenizer:{data.tokenizer_path}"
-        )
-        log.event("start", backend=backend.name, device=backend.device, world_size=backend.world_size,
-                  params=unique, effective_params=effective, config=cfg.source, spec=cfg.model.to_dict())
+        log_header(log, cfg, backend, data, val_tokens, f"loopgolf train: {args.config} -> {out_dir}")
         written = (resume.meta.get("backend"), resume.meta.get("world_size")) if resume else None
         if resume is not None and written != (backend.name, backend.world_size):
             log.line(f"note: {resume.path} was written by {written[0]} on {written[1]} rank(s); continuing with "
@@ -226,7 +205,7 @@ def run_train(args) -> int:
                 print(f"loopgolf: stopped by {name} after step {e.step}; checkpoint written to {e.checkpoint}\n"
                       f"resume with: {resume_command(args, out_dir, backend.world_size)}", file=sys.stderr, flush=True)
             return 128 + e.signum
-        final = trainer.export(out_dir, result)
+        final = trainer.export(out_dir, result, submission_code_bytes(cfg))
         log.line(
             f"done: val_bpb {final['val_bpb']:.4f}, round trip {final['roundtrip_val_bpb']:.4f}, "
             f"{final['total_bytes']:,} of 16,000,000 bytes; run in {out_dir}"
