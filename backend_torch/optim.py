@@ -8,7 +8,9 @@ Distributed (upstream's Muon): the gradients are already averaged, so every rank
 Muon matrix i (param_table order) is orthogonalised only on rank i % world_size; each rank writes its
 updates into one flat buffer (zeros elsewhere), a single all_reduce(SUM) shares them, and every rank
 applies all of them. A rank's Muon buffers for matrices it does not own stay zero: to checkpoint them,
-take each from its owner (or all_reduce_sum the buffers). Adam is replicated on every rank.
+take each from its owner (or all_reduce_sum the buffers). Adam is replicated on every rank. Decoupled
+weight decay (optim.<group>_weight_decay, core.schedule.weight_decays) scales a parameter by 1 - lr * wd
+with its group's lr, before the step or, with optim.weight_decay_after_step, after it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from core.config import OptimConfig
 from core.params import MATRIX, param_table
 from core.spec import ModelSpec
-from core.schedule import group_base_lrs
+from core.schedule import group_base_lrs, weight_decays
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -64,6 +66,15 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> dict:
     return {k: g * factor for k, g in grads.items()}
 
 
+def apply_step_(p: torch.Tensor, delta: torch.Tensor, lr: torch.Tensor, wd: float, after: bool) -> None:
+    """p -= delta in place with decoupled weight decay wd: p * (1 - lr wd) - delta, or (p - delta) * (1 - lr wd)."""
+    if wd and not after:
+        p.mul_(1 - lr * wd)
+    p.sub_(delta)
+    if wd and after:
+        p.mul_(1 - lr * wd)
+
+
 def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: int = 1,
                 ns_dtype=torch.float32, compile: bool = False):
     """update(params, state, grads, lr_scale, momentum) updates params and state in place (no_grad), with
@@ -71,6 +82,7 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
     infos = param_table(spec)
     groups = {info.name: info.group for info in infos}
     base_lr = group_base_lrs(spec, optim)
+    decay, after = weight_decays(spec, optim), optim.weight_decay_after_step
     matrices = [info.name for info in infos if info.group == MATRIX]
     owned = [name for name, owner in muon_owners(spec, world_size).items() if owner == rank]
     ns = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
@@ -90,7 +102,7 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
             lr = base_lr[groups[name]] * lr_scale
             m = optim.beta1 * s["m"] + (1 - optim.beta1) * g
             v = optim.beta2 * s["v"] + (1 - optim.beta2) * (g * g)
-            p.sub_(lr * (m / bias1) / (torch.sqrt(v / bias2) + optim.adam_eps))
+            apply_step_(p, lr * (m / bias1) / (torch.sqrt(v / bias2) + optim.adam_eps), lr, decay.get(name, 0.0), after)
             s["m"].copy_(m)
             s["v"].copy_(v)
 
@@ -103,7 +115,8 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
         if world_size == 1:
             for name in matrices:
                 p = params[name]
-                p.sub_(lr * muon_direction(p, state["muon"][name], grads[name], momentum).to(p.dtype))
+                u = muon_direction(p, state["muon"][name], grads[name], momentum).to(p.dtype)
+                apply_step_(p, lr * u, lr, decay.get(name, 0.0), after)
         else:
             sizes = [params[name].numel() for name in matrices]
             flat = torch.zeros(sum(sizes), dtype=ns_dtype, device=params[matrices[0]].device)
@@ -114,7 +127,7 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             for name in matrices:
                 p = params[name]
-                p.sub_(lr * chunks[name].view_as(p).to(p.dtype))
+                apply_step_(p, lr * chunks[name].view_as(p).to(p.dtype), lr, decay.get(name, 0.0), after)
         adam_step(params, state, grads, lr_scale)
 
     return update

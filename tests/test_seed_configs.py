@@ -1,5 +1,6 @@
-"""The seed topologies shipped in configs/ (issue 5): parameter counts against REFERENCE.md, and for every
-shipped config, at --small: after one optimizer step every parameter gets a nonzero gradient and sits in
+"""The seed topologies shipped in configs/ (issues 5 and 16): parameter counts against the seeds' logs, and
+for every shipped config, at --small: one optimizer step (with the config's own optimizer settings, weight
+decay included) moves every parameter, after which every parameter gets a nonzero gradient and sits in
 exactly one optimizer group (#1110 shipped iteration embeddings that were in no group and never trained);
 and a shared block's gradient is the sum of the gradients of an unrolled copy with one block per use.
 """
@@ -20,18 +21,19 @@ torch = pytest.importorskip("torch")
 from core.config import load_config  # noqa: E402
 from core.params import count_params, init_weights, param_table  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
-from tests.test_recurrence_options import grads_in_both, one_step_in_both  # noqa: E402
+from tests.helpers import grads_in_both, one_step_in_both  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
 
-# REFERENCE.md's parameter counts, less what loopgolf does not implement (named in each config's header).
+# The seeds' logged parameter counts (REFERENCE.md), which `loopgolf size --config` prints as "params: N unique".
 SEED_PARAMS = {
     "loop_5x3_640.toml": 15_006_123,  # #319: 5 x 2,869,768 + 655,360 + 1,923, "matches the log"
     "progressive_3x5.toml": 17_150_040,  # #895's 4-hour run, "matches the log"
-    "ut_3x4_iter.toml": 8_115_775 - 163_843 - 11,  # #1110 without VE (163,841 + 2) and VRL (11)
-    "shared_1x9.toml": 18_915_344 - 4_194_304,  # #470 without its multiplicative bigram table
+    "ut_3x4_iter.toml": 8_115_775,  # #1110's train_seed42.txt, VE and VRL included
+    "shared_1x9.toml": 18_915_344,  # #470's train_log.txt, its multiplicative bigram table included
+    "layer_sharing_3x9.toml": 6_037_528,  # #167's "6.0M" (test_layer_sharing_matches_its_6_0m)
 }
 
 
@@ -55,14 +57,21 @@ def test_layer_sharing_matches_its_6_0m():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
-def test_after_one_step_every_parameter_trains_in_exactly_one_group(name):
+def test_after_one_step_every_parameter_moved_and_trains_in_exactly_one_group(name):
     """From the init (zero-init projections, gates and embeddings give many tensors no gradient at step 0,
-    as upstream), one optimizer step in each backend, then a backward pass: every tensor's gradient is
-    nonzero. one_step_in_both asserts each parameter sits in exactly one group of each backend."""
-    spec = small(name)
+    as upstream), one optimizer step in each backend with the config's optimizer: every tensor moved (a
+    zero gradient still moves under weight decay, so this holds for the tensors with one), then a backward
+    pass: every tensor's gradient is nonzero. one_step_in_both asserts each parameter sits in exactly one
+    group of each backend."""
+    cfg = load_config(ROOT / "configs" / name, small=True, small_vocab=True)
+    spec = cfg.model
     w = init_weights(spec, 1)
     gm, gt = grads_in_both(spec, w)
-    after_mlx, after_torch = one_step_in_both(spec, w, gm, gt)
+    after_mlx, after_torch = one_step_in_both(spec, w, gm, gt, cfg.optim)
+    had_gradient = [i.name for i in param_table(spec) if np.abs(gt[i.name].numpy()).max() > 0]
+    for after in (after_mlx, after_torch):
+        still = [n for n in had_gradient if np.array_equal(after[n], w[n])]
+        assert not still, f"{name}: one step did not move {still}"
     for after in (after_mlx, after_torch):
         gm2, gt2 = grads_in_both(spec, after)
         dead = [i.name for i in param_table(spec)
@@ -70,7 +79,9 @@ def test_after_one_step_every_parameter_trains_in_exactly_one_group(name):
         assert not dead, f"{name}: no gradient after one step for {dead}"
 
 
-LOOP_OPTIONS = ("loop_embeds", "loop_gates", "cross_repeat_skips")  # tied to the loop structure: no flat twin
+# Tied to the loop structure, so an unrolled copy is another function: the loop options, and ln_scale (its
+# 1/sqrt(b + 1) follows the unique block's index, which unrolling renumbers).
+LOOP_OPTIONS = ("loop_embeds", "loop_gates", "cross_repeat_skips", "ln_scale")
 
 
 def unrolled(spec: ModelSpec) -> ModelSpec:

@@ -11,8 +11,9 @@ handed to each backend's trainer. The checks, in the order a bug would show firs
 - per op on small random inputs: RMSNorm, RoPE, attention with GQA, MLP, softcap, cross-entropy;
 - each effective layer's hidden state (naming the block it runs), the logits and the loss;
 - the gradients of one backward pass, one row per parameter tensor;
-- one optimizer step (Muon and Adam) of each backend's update function on the SAME numpy gradients,
-  then one full train_step of each trainer on the same batch (weights' change, one row per group);
+- one optimizer step (Muon and Adam) of each backend's update function on the SAME numpy gradients, and one
+  with decoupled weight decay on every group ("update+wd": the config's decay, else 0.04), then one full
+  train_step of each trainer on the same batch (weights' change, one row per group);
 - the artifact: the weights exported from each backend (backend tensors -> numpy) quantized and
   serialized by core; the SHA-256 of the uncompressed payload and of the compressed artifact must be
   identical, and the dequantized weights must give the same logits in both backends.
@@ -246,19 +247,20 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
         for p in pt.values():
             p.grad = None
 
-        # ---- one optimizer step on the same numpy gradients ----
+        # ---- one optimizer step on the same numpy gradients, then one with decoupled weight decay ----
         progress("optimizer step")
         if len(grads_np) == len(table):
-            momentum = muon_momentum(0, optim)
-            p_m = {k: M(v) for k, v in weights.items()}
-            p_m, _ = mo.make_update(spec, optim)(p_m, mo.init_state(spec, p_m), {k: M(v) for k, v in grads_np.items()},
-                                                 mx.array(1.0), mx.array(momentum))
-            p_t = {k: T(v) for k, v in weights.items()}
-            to.make_update(spec, optim)(p_t, to.init_state(spec), {k: T(v) for k, v in grads_np.items()},
-                                        torch.tensor(1.0), torch.tensor(momentum))
-            delta_m = {k: np.array(v, np.float64) - weights[k] for k, v in p_m.items()}
-            delta_t = {k: p_t[k].numpy().astype(np.float64) - weights[k] for k in p_t}
-            rows += _group_rows("update", table, weights, delta_m, delta_t, dtype, "update_muon", "update_adam")
+            for prefix, opt in (("update", optim), ("update+wd", with_weight_decay(optim))):
+                momentum = muon_momentum(0, opt)
+                p_m = {k: M(v) for k, v in weights.items()}
+                p_m, _ = mo.make_update(spec, opt)(p_m, mo.init_state(spec, p_m), {k: M(v) for k, v in grads_np.items()},
+                                                   mx.array(1.0), mx.array(momentum))
+                p_t = {k: T(v) for k, v in weights.items()}
+                to.make_update(spec, opt)(p_t, to.init_state(spec), {k: T(v) for k, v in grads_np.items()},
+                                          torch.tensor(1.0), torch.tensor(momentum))
+                delta_m = {k: np.array(v, np.float64) - weights[k] for k, v in p_m.items()}
+                delta_t = {k: p_t[k].numpy().astype(np.float64) - weights[k] for k in p_t}
+                rows += _group_rows(prefix, table, weights, delta_m, delta_t, dtype, "update_muon", "update_adam")
         else:
             rows.append(Row("update (same numpy gradients)", None, None, None, False, "skipped: missing gradients"))
 
@@ -326,6 +328,16 @@ def _fake_quant_rows(spec: ModelSpec, scheme: str, weights: dict, deq: dict, x, 
         zt = tm.logits(spec, ft, torch.tensor(np.asarray(x)), tdt)
     rows.append(compare("fake-quant (QAT) logits", _np(zm), _np(zt), tolerance("dequant_logits", dtype)))
     return rows
+
+
+WEIGHT_DECAY_ROW = 0.04  # the seeds' decay (#895, #470, #1110), for the 'update+wd' rows of a config without one
+WEIGHT_DECAY_KEYS = ("matrix_weight_decay", "scalar_weight_decay", "embed_weight_decay", "head_weight_decay")
+
+
+def with_weight_decay(optim):
+    """The config's optimizer with decoupled weight decay on every group: its own value where it sets one, else
+    WEIGHT_DECAY_ROW (its exemptions and its before/after-step order kept), so parity always checks a decayed step."""
+    return dataclasses.replace(optim, **{k: getattr(optim, k) or WEIGHT_DECAY_ROW for k in WEIGHT_DECAY_KEYS})
 
 
 def _export_row(weights: dict, exported: dict) -> Row:
