@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The optional trackers (loopgolf[track]) too, so the --log-to tests run instead of skipping.
+.venv/bin/python -m pip install -q -e '.[track]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # Run MLX's CPU tests with OpenBLAS when it is installed (tools/blas.py explains why).
 lib=$(ls /usr/lib/*/openblas-pthread/libopenblas.so.0 /usr/lib/*/libopenblas.so.0 2>/dev/null | head -n 1 || true)
 if [ "$(uname -s)" = Linux ] && [ -n "$lib" ]; then export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"; fi

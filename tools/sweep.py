@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--small", action="store_true", help="shrink every run as `loopgolf train --small`")
     p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"])
     p.add_argument("--data", help="data root or dataset directory (overrides data.path)")
+    p.add_argument("--profile", metavar="NAME", help="every run with `loopgolf train --profile NAME` (e.g. h100)")
+    p.add_argument("--nproc", type=int, metavar="N", help="every run with `loopgolf train --nproc N` (torch ranks)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time (default 1)")
     p.add_argument("--log-to", choices=["tensorboard", "wandb"], help="also log each run there (loopgolf[track])")
     p.add_argument("--dry-run", action="store_true", help="print the plan and each run's command; write nothing")
@@ -53,7 +55,8 @@ def add_parser(sub) -> None:
 def settings_of(args) -> dict:
     """What every run shares; a sweep directory keeps one set of these."""
     return {"config": str(Path(args.config).resolve()), "set": list(args.set), "small": bool(args.small),
-            "backend": args.backend, "data": str(Path(args.data).resolve()) if args.data else None}
+            "backend": args.backend, "data": str(Path(args.data).resolve()) if args.data else None,
+            "profile": args.profile, "nproc": args.nproc}
 
 
 def train_argv(settings: dict, run: PlannedRun, run_dir: Path, log_to: str | None, resume: bool) -> list[str]:
@@ -63,6 +66,10 @@ def train_argv(settings: dict, run: PlannedRun, run_dir: Path, log_to: str | Non
         argv.append("--small")
     if settings["data"]:
         argv += ["--data", settings["data"]]
+    if settings.get("profile"):
+        argv += ["--profile", settings["profile"]]
+    if settings.get("nproc"):
+        argv += ["--nproc", str(settings["nproc"])]
     for value in [*settings["set"], *run.overrides]:
         argv += ["--set", value]
     if log_to:
@@ -78,7 +85,8 @@ def check_plan(settings: dict, runs: list[PlannedRun]) -> None:
     data = [f'data.path="{settings["data"]}"'] if settings["data"] else []
     for run in runs:
         try:
-            load_config(settings["config"], [*settings["set"], *data, *run.overrides], small=settings["small"])
+            load_config(settings["config"], [*settings["set"], *data, *run.overrides], small=settings["small"],
+                        profile=settings.get("profile"))
         except UserError as e:
             raise UserError(f"sweep run {run.name}: {e}") from None
 
@@ -94,7 +102,7 @@ def merge_plan(path: Path, settings: dict, runs: list[PlannedRun]) -> list[dict]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a sweep plan written by loopgolf sweep ({e}); choose another --out") from None
     for key, value in settings.items():
-        if old_settings.get(key) != value:
+        if old_settings.get(key) != value:  # a key that an older sweep.json lacks reads as unset (None)
             raise UserError(f"{path}: this sweep was planned with {key} {old_settings.get(key)!r}, this command gives "
                             f"{value!r}; rerun it with the same settings or choose another --out")
     by_name = {r["name"]: r for r in old_runs}
