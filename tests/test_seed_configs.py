@@ -27,7 +27,7 @@ from tools import parity  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
 
-# The seeds' logged parameter counts (REFERENCE.md), which `loopgolf size --config` prints as "params: N unique".
+# The seeds' logged parameter counts, which `loopgolf size --config` prints as "params: N unique".
 SEED_PARAMS = {
     "loop_5x3_640.toml": 15_006_123,  # #319: 5 x 2,869,768 + 655,360 + 1,923, "matches the log"
     "progressive_3x5.toml": 17_150_040,  # #895's 4-hour run, "matches the log"
