@@ -10,7 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from backend_mlx.model import cross_entropy, hidden_states, input_features, layer_step, linear, rms_norm, softcap
+from backend_mlx.model import (cross_entropy, head, hidden_states, input_features, layer_step, linear, rms_norm,
+                               softcap)
 from core.depth import require_cyclic
 from core.spec import ModelSpec
 
@@ -32,8 +33,7 @@ def loop_states(spec: ModelSpec, p: dict, tokens: mx.array, total_loops: int, dt
 
 
 def _head_losses(spec: ModelSpec, p: dict, x: mx.array, y: mx.array) -> mx.array:
-    head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
-    z = softcap(linear(rms_norm(x, spec.norm_eps), head).astype(mx.float32), spec.logit_softcap)
+    z = softcap(linear(rms_norm(x, spec.norm_eps), head(spec, p)).astype(mx.float32), spec.logit_softcap)
     return cross_entropy(z, y)
 
 

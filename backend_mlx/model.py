@@ -206,10 +206,14 @@ def softcap(z: mx.array, cap: float) -> mx.array:
     return cap * mx.tanh(z / cap)
 
 
+def head(spec: ModelSpec, p: dict) -> mx.array:
+    """The output projection: the token embedding when tied, else lm_head."""
+    return p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
+
+
 def logits(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32) -> mx.array:
     """Soft-capped float32 logits (batch, seq, vocab)."""
-    head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
-    z = linear(hidden_states(spec, p, tokens, dtype), head).astype(mx.float32)
+    z = linear(hidden_states(spec, p, tokens, dtype), head(spec, p)).astype(mx.float32)
     return softcap(z, spec.logit_softcap)
 
 

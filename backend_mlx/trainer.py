@@ -38,7 +38,7 @@ class MLXTrainer:
         self._qat_settings: dict = {}  # (scheme, noise) -> (plan, noise), each built once
         self._eval_fns: dict = {}  # (kind, layers) -> eval function, built on first use
         self._average = None  # the EMA, on the device: see average_update
-        self._depth_variants: dict[int, tuple] = {}  # layers -> (fused, grad, loss_sum), compiled per depth
+        self._depth_variants: dict[tuple, tuple] = {}  # (layers, QAT setting) -> (fused, grad, loss_sum), compiled once
         self.set_depth(spec.num_layers)
 
     def _build_steps(self, spec: ModelSpec) -> tuple:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backend_torch.model import cross_entropy, hidden_states, input_features, layer_step, linear, rms_norm, softcap
+from backend_torch.model import (cross_entropy, head, hidden_states, input_features, layer_step, linear, rms_norm,
+                                 softcap)
 from core.depth import require_cyclic
 from core.spec import ModelSpec
 
@@ -32,8 +33,7 @@ def loop_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, total_loops: int
 
 
 def _head_losses(spec: ModelSpec, p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
-    z = softcap(linear(rms_norm(x, spec.norm_eps), head).to(torch.float32), spec.logit_softcap)
+    z = softcap(linear(rms_norm(x, spec.norm_eps), head(spec, p)).to(torch.float32), spec.logit_softcap)
     return cross_entropy(z, y)
 
 

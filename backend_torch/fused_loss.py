@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from backend_torch.model import head, hidden_states
+
 CHUNK_TOKENS = 1024  # 1024 tokens x vocab 1024 x 4 B = 4 MiB of logits per chunk: within L2/L3 here
 
 
@@ -71,7 +73,4 @@ def softcap_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap
 
 def fused_token_losses(spec, p: dict, x: torch.Tensor, y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """model.token_losses with the head, softcap and cross-entropy fused: per-token nats, float32 (batch, seq)."""
-    from backend_torch.model import hidden_states
-
-    head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
-    return softcap_cross_entropy(hidden_states(spec, p, x, dtype), head, y, spec.logit_softcap)
+    return softcap_cross_entropy(hidden_states(spec, p, x, dtype), head(spec, p), y, spec.logit_softcap)

@@ -11,10 +11,6 @@ import os
 import sys
 
 
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def gpu_count() -> int:
     import torch
 

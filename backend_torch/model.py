@@ -215,10 +215,14 @@ def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(z / cap)
 
 
+def head(spec: ModelSpec, p: dict) -> torch.Tensor:
+    """The output projection: the token embedding when tied, else lm_head."""
+    return p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
+
+
 def logits(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Soft-capped float32 logits (batch, seq, vocab)."""
-    head = p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
-    z = linear(hidden_states(spec, p, tokens, dtype), head).to(torch.float32)
+    z = linear(hidden_states(spec, p, tokens, dtype), head(spec, p)).to(torch.float32)
     return softcap(z, spec.logit_softcap)
 
 

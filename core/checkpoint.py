@@ -33,6 +33,7 @@ import numpy as np
 from core.config import RunConfig, SECTIONS
 from core.errors import UserError
 from core.params import MATRIX, param_table
+from core.shards import read_shard_header
 from core.spec import ModelSpec
 from core.weights import SPEC_KEY, check_weights, load_weights, read_header
 
@@ -113,8 +114,6 @@ def config_record(cfg: RunConfig) -> dict:
 
 
 def shard_record(files) -> list[list]:
-    from core.shards import read_shard_header
-
     return [[Path(f).name, read_shard_header(f)] for f in files]
 
 

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 from pathlib import Path
 from typing import Any
 
-from core.depth import SCHEDULE_BY, parse_stages
+from core.artifact import CODECS
+from core.depth import SCHEDULE_BY, depth_schedule, parse_stages
 from core.errors import UserError
+from core.gptq import gptq_scheme_qmax
+from core.quant import compose_scheme
 from core.spec import ModelSpec
-from core.tables import dataclass_from_table
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from core.tables import dataclass_from_table, read_toml, tomllib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +150,6 @@ class ArtifactConfig:
     qat_noise: bool = False
 
     def __post_init__(self):
-        from core.artifact import CODECS
-        from core.quant import compose_scheme
-
         compose_scheme(self.scheme, self.rules, where="artifact")  # one clear error for a bad scheme or rule
         if self.codec not in CODECS:
             raise UserError(f"artifact.codec = {self.codec!r}: expected one of {', '.join(CODECS)}")
@@ -176,8 +170,6 @@ class ArtifactConfig:
         if not 0 <= self.gptq_damp < 1:
             raise UserError(f"artifact.gptq_damp = {self.gptq_damp}: expected a fraction in [0, 1), e.g. 0.01")
         if self.gptq:
-            from core.gptq import gptq_scheme_qmax
-
             if all(gptq_scheme_qmax(s) is None for s in (self.scheme, *(r.split("=")[1].strip() for r in self.rules))):
                 raise UserError(f"artifact.gptq = true, but no scheme here is one GPTQ applies to (int4..int7, "
                                 f"int8_search): scheme = {self.scheme!r}, rules = {list(self.rules)}")
@@ -185,8 +177,6 @@ class ArtifactConfig:
     @property
     def quant_scheme(self) -> str:
         """The scheme name to quantize with and record in the artifact: `scheme` plus its rules."""
-        from core.quant import compose_scheme
-
         return compose_scheme(self.scheme, self.rules)
 
 
@@ -278,18 +268,6 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def read_toml(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"config file {path} is a directory; expected a .toml file (a run's is {path / 'config.toml'})")
-    if not path.is_file():
-        raise UserError(f"config file {path} not found")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
-
-
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'train.iterations=50' -> ('train', 'iterations', 50). The value is read as TOML, else a string."""
     if "=" not in text:
@@ -337,7 +315,6 @@ def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str =
     model = ModelSpec.from_table(raw.get("model", {}), where="model")
     sections = {name: dataclass_from_table(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items() if cls}
     cfg = RunConfig(model=model, source=source, **sections)
-    from core.depth import depth_schedule  # core.depth reads RunConfig; checked here so every command sees it
 
     depth_schedule(cfg)  # a schedule that doesn't fit the plan fails at load, before any run directory exists
     return cfg

@@ -32,7 +32,9 @@ import math
 
 import numpy as np
 
+from core.bpb import bpb_from_sums, count_bytes
 from core.errors import UserError
+from core.params import param_table
 from core.spec import ModelSpec
 
 SCHEDULE_BY = ("wallclock", "step")
@@ -77,8 +79,6 @@ def truncated_spec(spec: ModelSpec, layers: int) -> ModelSpec:
 def truncate_weights(spec: ModelSpec, weights: dict[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
     """The weights of `truncated_spec(spec, layers)`: each tensor's leading rows, to the truncated table's shapes
     (per-layer tables (L, ...) -> (layers, ...), cross_repeat_scales (K, R-1, d) -> (K, r-1, d), ...)."""
-    from core.params import param_table
-
     out = {}
     for info in param_table(truncated_spec(spec, layers)):
         out[info.name] = weights[info.name][tuple(slice(0, n) for n in info.shape)]
@@ -216,8 +216,6 @@ def evaluate_loops(backend, loop_stats, val_tokens: np.ndarray, seq_len: int, ba
     batch: loss sum in nats, sum of (x_k - x_{k-1})^2, sum of x_{k-1}^2. Every batch runs all loops, so each
     loop's numbers cover the same tokens; --converge then picks the first loop whose whole-set delta < eps.
     The trained loops are the model's own forward pass (model.hidden_states), so loop R is the standard eval."""
-    from core.bpb import bpb_from_sums, count_bytes
-
     k, r = require_cyclic(backend.spec, "eval-time extra loops")
     total_seqs = (len(val_tokens) - 1) // seq_len
     start = total_seqs * backend.rank // backend.world_size

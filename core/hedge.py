@@ -10,7 +10,7 @@ Experts, each a normalised distribution over the vocabulary (V ids), for target 
      (1 + 0.01 V) < 1; c[h] (the row's own total) keeps it a distribution (uniform when empty).
 #895's fifth "entropy" expert (its NLL := the model's entropy, the same "probability" exp(-H) for every
 token) is left out: it is not a distribution, its mass V exp(-H) can far exceed 1, and Hedge then favours
-it whenever the model is overconfident, reporting a loss that ignores the true tokens (REFERENCE.md).
+it whenever the model is overconfident, reporting a loss that ignores the true tokens.
 
 Mixture: p(y) = sum_k w_k p_k(y), w = softmax(log_w), log_w starting at [2, 0, 0, 0]. The stream of
 targets is processed in order, in blocks of UPDATE_EVERY: each block is scored with the tables and
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 
-EXPERTS = ("neural", "unigram", "bigram", "trigram")
 INITIAL_LOG_WEIGHTS = (2.0, 0.0, 0.0, 0.0)
 COUNT_ALPHA = 0.1  # unigram and bigram smoothing
 TRIGRAM_ALPHA = 0.01

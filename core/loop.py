@@ -27,6 +27,7 @@ from core.averaging import WeightAverager
 from core.bpb import ByteLuts, bpb_from_sums, count_bytes
 from core.config import RunConfig
 from core.depth import depth_schedule
+from core.errors import UserError
 from core.params import count_params
 from core.runlog import RunLog
 from core.schedule import lr_multiplier, muon_momentum
@@ -445,8 +446,6 @@ class Trainer:
 
 
 def raise_batch_error(batch_tokens: int, world: int, accum: int, seq_len: int):
-    from core.errors import UserError
-
     raise UserError(
         f"train.batch_tokens = {batch_tokens} does not split into whole sequences: over {world} rank(s) x "
         f"{accum} micro-batch(es) each gets {batch_tokens / (world * accum):g} tokens, not a positive multiple "

@@ -1,8 +1,8 @@
 """Post-training quantization of a weight dict, in numpy, so every backend produces the same bytes.
 
 A scheme is a name looked up in `SCHEMES`; the name is written into the artifact so a reader knows how
-to dequantize. Only "int8" exists now: upstream's `int8_clean_per_row_v1` rule (REFERENCE.md),
-reproduced bit for bit against torch on CPU:
+to dequantize. "int8", the default, is upstream's `int8_clean_per_row_v1` rule (train_gpt.py's
+quantize_state_dict_int8), reproduced bit for bit against torch on CPU:
 
 - float tensors with more than 65,536 elements are quantized to int8 in [-127, 127]:
   2-D per row, clip = quantile(|w|, 0.9999984) of the row, scale = max(clip/127, 1/127) stored fp16;
@@ -52,9 +52,9 @@ CONTROL_NAME_PATTERNS = (
     # Per-iteration conditioning (core.params; layer_attn_scales, layer_mlp_scales and layer_resid_mixes
     # already match the patterns above). #319 kept its loop embeddings and gates fp32 the same way.
     "iter_embeds", "loop_embeds", "iter_scales", "layer_in_gains", "layer_out_gains", "loop_gates",
-    "cross_repeat_scales",  # #895 (issue 5 item 4)
-    "value_scales", "smear", "bigram.scale",  # issue 5 item 5; #1110 kept smear and bigram.scale fp32 too
-    "ve_shared.scale", "ve_layer_scales", "vrl_alphas",  # issue 16: #1110's VE and VRL scalars, fp32 there too
+    "cross_repeat_scales",  # #895
+    "value_scales", "smear", "bigram.scale",  # #1110 kept smear and bigram.scale fp32 too
+    "ve_shared.scale", "ve_layer_scales", "vrl_alphas",  # #1110's VE and VRL scalars, fp32 there too
 )
 
 

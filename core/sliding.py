@@ -23,6 +23,7 @@ import numpy as np
 
 from core.bpb import ByteLuts, bpb_from_sums, count_bytes
 from core.errors import UserError
+from core.hedge import WARMUP_TOKENS, HedgeMixer
 
 GATHER_CHUNK = 1 << 22  # targets per all-reduce when the Hedge pass gathers per-token losses to rank 0
 
@@ -156,8 +157,6 @@ class SlidingResult:
         """Says so when the stream was too short for the mixer to start (the Hedge bpb is then the sliding one)."""
         if self.hedge_mixed_targets:
             return ""
-        from core.hedge import WARMUP_TOKENS
-
         return (f"; the mixer starts after {WARMUP_TOKENS:,} targets, so all {self.targets:,} here were scored by "
                 "the model alone")
 
@@ -178,8 +177,6 @@ def sliding_eval(backend, tokens: np.ndarray, window_len: int, stride: int, batc
     loss, bpb = bpb_from_sums(sums[0], sums[1], sums[2])
     result = SlidingResult(loss, bpb, len(plan), plan.n_targets, plan.window_len, min(stride, plan.window_len))
     if hedge:
-        from core.hedge import HedgeMixer
-
         nll = gather_token_nll(backend, local, plan.n_targets)
         hedge_sum = np.zeros(3, np.float64)  # mixed loss nats, the neural loss as a cross-check, mixed targets
         weights = np.zeros(4, np.float64)

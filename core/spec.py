@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.tables import check_known_keys, coerce
+from core.tables import check_known_keys, coerce, read_toml
 
 # torch's F.rms_norm default for float32 (eps=None -> finfo(float32).eps), which upstream train_gpt.py uses.
 FLOAT32_EPS = 1.1920928955078125e-07
@@ -51,12 +51,12 @@ class ModelSpec:
     layer_gains: bool = False  # layer_in_gains, layer_out_gains (L,), init 1 (#1110's hc_alpha/hc_beta, SHC n=0)
     loop_gates: bool = False  # loop_gates (num_loops,): x = g*x + (1-g)*x0 after every loop
     loop_gate_init: float = 1.0  # loop_gates' initial value; 1.0 is the identity (#319's 1/3 was its negative result)
-    # Skips and block variants (issue 5, items 4-5).
+    # Skips and block variants.
     unet_skips: bool = True  # upstream's U-Net skip stack and skip_weights; false removes both (#319, #895)
     cross_repeat_skips: bool = False  # cross_repeat_scales (num_blocks, num_loops-1, d), init 0 (#895)
     mlp_activation: str = "relu2"  # "relu2": relu(h)^2 (upstream); "leaky_relu2": leaky_relu(h, 0.5)^2 (#895, #1110)
     mlp_hidden: int = 0  # MLP hidden size; 0 means mlp_mult * model_dim (#1110, #167)
-    # Attention and input variants (issue 5, item 5; all off by default, see `variant notes` below).
+    # Attention and input variants (all off by default, see `variant notes` below).
     q_rank: int = 0  # attn.c_q_down (r, d) then attn.c_q_up (d, r) in place of attn.c_q (#167); 0: full c_q
     rope_dims: int = 0  # rotate only the first rope_dims dims of each head (#1110: 16 of 64); 0: all
     rope_train_seq_len: int = 0  # NTK: at seq T > this, base * (T/this)^(rd/(rd-2)) (#1110: 1024); 0: off
@@ -65,7 +65,7 @@ class ModelSpec:
     bigram_dim: int = 128  # BigramHash table width; projected to model_dim unless equal to it
     smear_gate: bool = False  # SmearGate after the embedding norm (#1110, #167), gate (d,) init 0
     value_embeds: int = 0  # extra (vocab, d) tables mixed into the residual per layer (#895: 2)
-    # The seeds' remaining parts (issue 16; all off by default, see `seed parts` below).
+    # The seeds' remaining parts (all off by default, see `seed parts` below).
     loop_gate_style: str = "every_loop"  # "every_loop": a gate after every loop; "seed319": #319's gating exactly
     bigram_table_size: int = 0  # #470's (prev*1619 + cur) mod N table (N, d), added to the embedding; 0: off
     ve_layers: str = ""  # #1110's VE: effective layers whose V gets the shared value embedding, e.g. "9,10"
@@ -262,7 +262,7 @@ class ModelSpec:
     #   smear_gate:      x = x + smear.gate * (x_prev - x)      (x_prev: the previous position's, 0 at position 0)
     #   x0 = x
     # The seeds' SmearGate mixes with sigmoid(gate), 0.5 at their init 0; here the gate is the mixing weight
-    # itself, so 0 is the identity and switching the option on leaves the step-0 output (REFERENCE.md #1110).
+    # itself, so 0 is the identity and switching the option on leaves the step-0 output.
     # value_embeds, at every effective layer right after the iteration embedding (#895's order):
     #                    h_in = h_in + sum_e value_scales[l, e] * value_embeds.e[ids]  (tables N(0, 1), scales 0)
     # Inside attention: q_rank replaces c_q by c_q_up(c_q_down(h)); RoPE rotates the first rope_width dims of
@@ -304,7 +304,7 @@ class ModelSpec:
         r = self.loop_index
         return tuple(i for i in range(self.num_layers) if i == self.num_layers - 1 or r[i] != r[i + 1])
 
-    # Seed parts (issue 16). Gating, #319: with loop_gate_style = "seed319" the gates start at 1/num_loops and
+    # Seed parts. Gating, #319: with loop_gate_style = "seed319" the gates start at 1/num_loops and
     # no gate runs after a loop of index 0 (the seed's g_0 existed but was never applied), so loop_gates holds
     # num_loops - 1 gates and the gate after loop r >= 1 is loop_gates[r - 1].
     # Input side, #470: bigram_table_size = N adds bigram_emb[(prev * 1619 + cur) mod N] (N, d), zero init, to
@@ -396,8 +396,6 @@ class ModelSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "ModelSpec":
-        from core.config import read_toml
-
         return cls.from_table(read_toml(path).get("model", {}), where="model")
 
     def describe(self) -> str:

@@ -8,11 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict, or one clear error naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; expected a .toml file (a run's is {path / 'config.toml'})")
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
 
 
 def _suggest(key: str, known: list[str]) -> str:

@@ -5,7 +5,7 @@ value embeddings into the residual (#895). core.spec.ModelSpec's variant notes g
 BigramHash, SmearGate and the value embeddings start as the identity, so switching them on leaves the step-0
 logits. q_rank, partial RoPE and XSA change the function by design (no init makes a rank-r Q full rank, or
 leaves the rotated dims or the attention output alone), so for them the test is an equivalence each one must
-satisfy. For all: parameter counts against REFERENCE.md's formulas, fp32 control tensors in the artifact,
+satisfy. For all: parameter counts against the seeds' formulas, fp32 control tensors in the artifact,
 and `loopgolf parity` with them on; tests/test_model_runner.py runs each (and all together) against the
 numpy float64 reference, MLX against torch, and checks the gradients and optimizer groups.
 """
@@ -89,7 +89,7 @@ def test_parameter_table_against_the_reference_formulas():
     # Partial RoPE, NTK and XSA add nothing.
     for options in ({"rope_dims": 4}, {"rope_dims": 6, "rope_train_seq_len": 8}, {"xsa_last_n": 3}):
         assert count_params(spec_for("3x4", **options)) == count_params(base)
-    # BigramHash: table (B, b) zero, projection (d, b), scale 0.05; REFERENCE.md #1110: (2048, 128) at d 512
+    # BigramHash: table (B, b) zero, projection (d, b), scale 0.05; #1110: (2048, 128) at d 512
     # is 327,681 parameters. Smear: d (#1110: 512).
     ref = ModelSpec.from_table({"layer_plan": "3x4", "bigram_buckets": 2048, "bigram_dim": 128, "smear_gate": True})
     extra = {i.name: i.numel for i in param_table(ref)}

@@ -210,7 +210,7 @@ def test_error_bound_property(seed, rows, log_std, outliers, three_d):
 def test_bit_exact_with_torch_reference():
     torch = pytest.importorskip("torch")
 
-    def upstream_rule(t32):  # the rule as torch code computes it, written out from REFERENCE.md
+    def upstream_rule(t32):  # the rule as upstream's train_gpt.py computes it in torch
         if t32.ndim == 2:
             clip = torch.quantile(t32.abs(), Q, dim=1)
             clamped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])

@@ -2,7 +2,7 @@
 #470's multiplicative bigram table, and #1110's VE into V, VRL, ln_scale, orthogonal init with its projection
 rescale and the phase init of resid_mix. core.spec.ModelSpec's "seed parts" give the forward pass.
 
-For each: the spec validates and round-trips; the parameter table has REFERENCE.md's shapes, groups and
+For each: the spec validates and round-trips; the parameter table has the seeds' shapes, groups and
 inits; the zero-initialised ones start as the identity and the others change the function; truncated
 plans keep what they still have; `loopgolf parity` passes with all on. tests/test_model_runner.py runs each
 (and all together) against the numpy float64 reference, MLX against torch, and checks that every new
@@ -107,7 +107,7 @@ def test_parameter_table_shapes_groups_and_inits():
 
 
 def test_seed_counts():
-    """REFERENCE.md: #1110's VE is 163,841 + 2 layer scales and VRL 11 (d 512, 12 layers); #470's table 4,194,304."""
+    """The seeds' counts: #1110's VE is 163,841 + 2 layer scales and VRL 11 (d 512, 12 layers); #470's table 4,194,304."""
     base = {"layer_plan": "3x4"}
     ve = ModelSpec.from_table({**base, "ve_layers": "9,10"})
     assert count_params(ve)[0] - count_params(ModelSpec.from_table(base))[0] == 131_072 + 32_768 + 1 + 2
@@ -179,7 +179,7 @@ def test_zero_initialised_options_leave_the_initial_logits(option):
 def test_the_other_parts_change_the_function(option):
     """VE adds its (small) table to V, VRL half of layer 0's V at init, ln_scale shrinks the later blocks'
     inputs, #319's gates start at 1/3 and skip the first loop, the phase init moves resid_mix: none is the
-    identity (REFERENCE.md)."""
+    identity."""
     off, on = spec_for("2x3"), spec_for("2x3", **OPTIONS[option])
     w_off = parity.perturbed_weights(off, 3)
     init_on = init_weights(on, 3)

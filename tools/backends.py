@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import sys
 
@@ -18,8 +19,9 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def torch_backend_ready() -> bool:
-    return _available("torch") and importlib.util.find_spec("backend_torch.trainer") is not None
+def under_torchrun() -> bool:
+    """True in a rank that torchrun (or `--nproc`, which runs it) started: it sets RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def resolve_backend(name: str) -> str:
@@ -28,7 +30,7 @@ def resolve_backend(name: str) -> str:
         apple = sys.platform == "darwin" and platform.machine() == "arm64"
         if apple and _available("mlx"):
             return "mlx"
-        if torch_backend_ready():
+        if _available("torch"):
             return "torch"
         if _available("mlx"):
             return "mlx"
@@ -38,8 +40,6 @@ def resolve_backend(name: str) -> str:
     module = "mlx" if name == "mlx" else "torch"
     if not _available(module):
         raise UserError(f"--backend {name}: {module} is not installed; {INSTALL_HINT[name]}")
-    if name == "torch" and not torch_backend_ready():
-        raise UserError("--backend torch: the torch backend is not available in this version of loopgolf")
     return name
 
 

@@ -97,10 +97,6 @@ def check_args(args) -> None:
         raise UserError(f"--json {args.json} is a directory; expected a file path to write, e.g. eval.json")
 
 
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def load_model(args) -> tuple[ModelSpec, dict[str, np.ndarray], str]:
     """(spec, float32 weights, a description) from --weights or --artifact."""
     from core.artifact import MAGIC, read_artifact
@@ -182,7 +178,7 @@ class Progress:
 
 def run_eval(args) -> int:
     from core.config import OptimConfig, TrainConfig
-    from tools.backends import build_backend, resolve_backend
+    from tools.backends import build_backend, resolve_backend, under_torchrun
 
     seq_len_from = resolve_seq_len(args)
     check_args(args)

@@ -269,7 +269,7 @@ def export_documents(args, docs: list[str], default_name: str, version: str) -> 
 
 
 def run_subset(args) -> int:
-    """First N tokens of each of the first K train shards, first M val tokens: REFERENCE.md's mini shards."""
+    """First N tokens of each of the first K train shards and the first M val tokens of a FineWeb download."""
     t0 = time.perf_counter()
     out = Path(args.out)
     src = resolve_data(args.src, dataset=args.dataset, tokenizer=args.tokenizer, dataset_flag="--dataset NAME")

@@ -19,7 +19,7 @@ from core.params import MATRIX, count_params, init_weights, param_table
 from core.run import load_eval_data, log_header
 from core.runlog import RunLog
 from core.weights import load_weights
-from tools.backends import build_backend, resolve_backend
+from tools.backends import build_backend, resolve_backend, under_torchrun
 from tools.script import submission_code_bytes
 from tools.track import attach_tracker, check_available
 
@@ -48,7 +48,7 @@ def resolve_launch(args) -> tuple[str, int, dict | None, str]:
     """(backend, ranks, machine-dependent profile defaults, a note) from --backend, --nproc and --profile.
     Under torchrun the ranks are its WORLD_SIZE."""
     backend, nproc, defaults, note = args.backend, args.nproc, None, ""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         nproc = int(os.environ["WORLD_SIZE"])
     if args.profile == "h100":
         backend = "torch" if backend == "auto" else backend
