@@ -113,3 +113,21 @@ def test_a_sweep_directory_keeps_its_settings(tmp_path, capsys):
     rc, _, err = _cli(["sweep", "--config", "configs/demo.toml", "--out", str(out), "--seeds", "1",
                        "--backend", "mlx"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "this sweep was planned with config 'x'" in err
+
+
+def test_a_directory_that_is_not_this_sweeps_run_is_never_touched(tmp_path, capsys):
+    out = tmp_path / "runs"
+    (out / "demo-s1").mkdir(parents=True)
+    (out / "demo-s1" / "notes.txt").write_text("mine")
+    rc, _, err = _cli(["sweep", "--config", "configs/demo.toml", "--out", str(out), "--seeds", "1"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "demo-s1 exists and is not a run of this sweep" in err
+    assert (out / "demo-s1" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--jobs", "0"], "--jobs 0: expected 1 or more"),
+    (["--set", "train.seed=3"], "seeds are given with --seeds"),
+])
+def test_other_bad_sweep_flags(tmp_path, capsys, extra, message):
+    rc, _, err = _cli(["sweep", "--config", "configs/demo.toml", "--out", str(tmp_path / "s"), *extra], capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err and not (tmp_path / "s").exists()

@@ -93,8 +93,10 @@ def check_plan(settings: dict, runs: list[PlannedRun]) -> None:
 
 def merge_plan(path: Path, settings: dict, runs: list[PlannedRun]) -> list[dict]:
     """The runs of sweep.json: the stored ones (kept, in their order) plus this command's new ones. The
-    same directory must keep the same shared settings, and a run name the same overrides."""
+    same directory must keep the same shared settings, and a run name the same overrides. A new run's
+    directory must not exist yet: it would be someone else's (never skipped, resumed or deleted)."""
     if not path.is_file():
+        _refuse_foreign(path.parent, runs, set())
         return [r.to_json() for r in runs]
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -106,6 +108,7 @@ def merge_plan(path: Path, settings: dict, runs: list[PlannedRun]) -> list[dict]
             raise UserError(f"{path}: this sweep was planned with {key} {old_settings.get(key)!r}, this command gives "
                             f"{value!r}; rerun it with the same settings or choose another --out")
     by_name = {r["name"]: r for r in old_runs}
+    _refuse_foreign(path.parent, runs, set(by_name))
     merged = list(old_runs)
     for run in runs:
         old = by_name.get(run.name)
@@ -114,6 +117,13 @@ def merge_plan(path: Path, settings: dict, runs: list[PlannedRun]) -> list[dict]
         elif list(old.get("overrides", [])) != list(run.overrides):
             raise UserError(f"{path}: run {run.name} was planned with {old.get('overrides')}, now {list(run.overrides)}")
     return merged
+
+
+def _refuse_foreign(out: Path, runs: list[PlannedRun], ours: set[str]) -> None:
+    for run in runs:
+        if run.name not in ours and (out / run.name).exists():
+            raise UserError(f"{out / run.name} exists and is not a run of this sweep (not in {out / SWEEP_FILE}); "
+                            "move it or choose another --out")
 
 
 class Sweep:
@@ -235,12 +245,20 @@ def _execute(sweep: Sweep, runs: list[PlannedRun], args) -> int:
 
     stopping: list[int] = []
     running: dict = {}  # Popen -> (run, its sweep.json entry, start time, progress tag)
+    passed_on: dict = {}  # Popen -> how many of the signals in `stopping` it has been sent
+
+    def pass_on(proc) -> None:
+        """The runs are in their own sessions (a terminal's Ctrl-C reaches only the sweep): send each signal
+        once, so a run sees one (checkpoint and stop) or two (stop now) as `loopgolf train` would."""
+        while passed_on.get(proc, 0) < len(stopping):
+            if proc.poll() is None:
+                proc.send_signal(stopping[passed_on.get(proc, 0)])
+            passed_on[proc] = passed_on.get(proc, 0) + 1
 
     def on_signal(signum, frame):
         stopping.append(signum)
-        for proc in running:  # the runs were started in their own sessions: pass the signal on, once each time
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        for proc in list(running):
+            pass_on(proc)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -257,6 +275,7 @@ def _execute(sweep: Sweep, runs: list[PlannedRun], args) -> int:
                 tag = f"[{index}/{total}]"
                 proc = _start(sweep, run, state, by_name[run.name], env, args.log_to, tag)
                 running[proc] = (run, by_name[run.name], time.perf_counter(), tag)
+                pass_on(proc)  # a signal that came while it was starting
             time.sleep(0.05)
             for proc in [p for p in running if p.poll() is not None]:
                 outcome = _finish(sweep, proc, running.pop(proc), stopping)
