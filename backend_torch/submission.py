@@ -14,6 +14,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import torch
+
 from backend_torch.trainer import TorchTrainer
 from core.atomic import atomic_write_text
 from core.config import config_from_dict
@@ -42,6 +44,7 @@ def run(script: Path, env: dict) -> int:
     dataset = None if env.get("DATA_PATH") else cfg.data.dataset or None
     data = resolve_data(data_path, dataset, env.get("TOKENIZER_PATH") or cfg.data.tokenizer or None)
     luts, val_tokens = load_eval_data(cfg, data)
+    torch.manual_seed(cfg.train.seed)  # as `loopgolf train` does: noisy QAT's draws follow the seed
     backend = TorchTrainer(cfg.model, init_weights(cfg.model, cfg.train.seed), cfg.train, cfg.optim)
     here = script.resolve().parent
     run_id = env.get("RUN_ID") or uuid.uuid4().hex[:8]

@@ -1,28 +1,28 @@
-"""Code bytes count what a training run imports with one backend, nothing more and nothing less."""
+"""Code bytes are the exported train_gpt.py's: what `loopgolf export` writes for the config, nothing else."""
 
-import subprocess
-import sys
+from pathlib import Path
 
-import pytest
+from core.config import load_config
+from tools.cli import main
+from tools.script import build_script, submission_code_bytes
 
-from core.size import ROOT, code_bytes, code_files
-
-
-def test_counted_files_are_the_training_path():
-    names = {str(p.relative_to(ROOT)) for p in code_files("torch")}
-    for needed in ("core/loop.py", "core/quant.py", "core/artifact.py", "backend_torch/model.py", "backend_torch/trainer.py"):
-        assert needed in names
-    for tool_only in ("tools/formats.py", "tools/pickle_safe.py", "core/tolerances.py", "backend_mlx/model.py"):
-        assert tool_only not in names
-    assert code_bytes("torch") == sum(p.stat().st_size for p in code_files("torch"))
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 
 
-@pytest.mark.slow
-def test_every_core_module_a_training_run_loads_is_counted():
-    # What Python really imports for a torch training run must be a subset of what we count.
-    probe = ("import sys, core.loop, core.manifest, core.tokenizer, backend_torch.trainer; "
-             "print('\\n'.join(m for m in sys.modules if m.split('.')[0] in ('core', 'backend_torch')))")
-    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    counted = {str(p.relative_to(ROOT)).removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-               for p in code_files("torch")}
-    assert set(loaded.stdout.split()) <= counted
+def test_size_counts_the_packed_script_for_the_config(capsys):
+    cfg = load_config(DEMO)
+    assert main(["size", "--config", str(DEMO)]) == 0
+    out = capsys.readouterr().out
+    lzma_bytes = len(build_script(cfg, "lzma").encode())
+    assert f"code: {lzma_bytes:,} B (train_gpt.py, lzma; brotli {len(build_script(cfg, 'brotli').encode()):,} B, " \
+           f"plain {len(build_script(cfg, 'none').encode()):,} B)" in out
+    assert submission_code_bytes(cfg) == lzma_bytes
+
+
+def test_a_feature_switched_off_costs_no_code_bytes():
+    """The exported script leaves out what the config does not use: GPTQ on adds its solver."""
+    base = load_config(DEMO)
+    with_gptq = load_config(DEMO, ["artifact.gptq=true", 'artifact.scheme="int6"'])
+    plain_off, plain_on = build_script(base, "none"), build_script(with_gptq, "none")
+    assert "cholesky" not in plain_off and "cholesky" in plain_on
+    assert len(plain_on) > len(plain_off) + 2000

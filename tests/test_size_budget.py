@@ -12,7 +12,8 @@ from core.artifact import build_artifact, encode_artifact, write_artifact
 from core.config import load_config
 from core.params import count_params, init_weights, param_table
 from core.quant import quantize_weights
-from core.size import CHALLENGE_LIMIT, code_bytes
+from core.size import CHALLENGE_LIMIT
+from tools.script import submission_code_bytes
 from tools.budget import estimate_artifact_bytes, search
 from tools.cli import main
 
@@ -48,8 +49,8 @@ def test_size_config_matches_the_artifact_it_would_build(capsys, codec):
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("blocks.", "tok_emb", "all "))}
     assert rows["tok_emb"][2] == "int8" and rows["tok_emb"][3] == f"{1024 * 128 * 4:,}"
     assert number(r"all tensors\s+\d+\s+([\d,]+)", out) == sum(t.raw_bytes for t in info.tensors)
-    code_t = code_bytes("torch")
-    assert f"code (torch): {code_t:,} B" in out and "core/*.py" in out and "INITIAL weights" in out
+    code_t = submission_code_bytes(cfg)
+    assert f"code: {code_t:,} B (train_gpt.py, lzma" in out and "INITIAL weights" in out
     total = number(r"total, init artifact \+ code: ([\d,]+) B", out)
     assert total == code_t + info.total_bytes and f"margin {CHALLENGE_LIMIT - total:,}" in out
     est = estimate_artifact_bytes(cfg.model, cfg.artifact.quant_scheme, codec, cfg.artifact.level).artifact_bytes
@@ -68,7 +69,12 @@ def test_size_run_on_a_hand_built_run(tmp_path, capsys):
     assert code == 0
     assert f"artifact (int6, zstd-22): {info.total_bytes:,} B" in out
     assert "roundtrip_val_bpb=2.51" in out and "WARNING" not in out
-    assert f"as the run counted it (torch): {info.total_bytes + 1234:,} B" in out
+    assert f"as the run counted it: {info.total_bytes + 1234:,} B" in out
+    assert "no config.toml" in out  # the code bytes now need the run's config
+    (tmp_path / "config.toml").write_text(cfg.to_toml())
+    code, out = run(capsys, ["size", "--run", str(tmp_path)])
+    now = submission_code_bytes(load_config(tmp_path / "config.toml"))
+    assert f"(the script export writes now): {info.total_bytes + now:,} B" in out
     (tmp_path / "metrics.jsonl").write_text("")
     code, out = run(capsys, ["size", "--run", str(tmp_path)])
     assert code == 0 and "no final record" in out

@@ -34,7 +34,8 @@ from core.quant import (
     KEEP_FLOAT_MAX_NUMEL, QuantizedWeights, get_scheme, is_control_name, passthrough_tensor,
     scheme_for_tensor,
 )
-from core.size import CHALLENGE_LIMIT, code_bytes
+from core.size import CHALLENGE_LIMIT
+from tools.script import DEFAULT_PACK, submission_code_bytes
 from core.spec import ModelSpec
 
 CALIBRATION_SHAPE = (256, 512)
@@ -182,7 +183,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--widths", help="comma-separated model_dim values (default: multiples of 64 up to 2048 that "
                                     "the head count divides)")
     p.add_argument("--blocks", help="comma-separated unique-block counts K for a 'KxR' plan (default 1..2K)")
-    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="whose code bytes to count")
     p.add_argument("--top", type=int, default=20, help="print at most N candidates (default 20; 0: all)")
 
 
@@ -207,10 +207,10 @@ def run_budget(args) -> int:
     blocks = _int_list(args.blocks, "blocks")
     if blocks is not None and _cycle(cfg.model) is None:
         raise UserError(f"--blocks needs a 'KxR' (or flat) plan; {args.config} has [{' '.join(map(str, cfg.model.layer_plan))}]")
-    code = code_bytes(args.backend)
+    code = submission_code_bytes(cfg)
     cands = search(cfg.model, schemes, art.codec, art.level, args.bytes, code,
                    widths=_int_list(args.widths, "widths"), blocks=blocks)
-    print(f"budget {args.bytes:,} B = code {code:,} B (core/*.py + backend_{args.backend}/*.py) + artifact; "
+    print(f"budget {args.bytes:,} B = code {code:,} B (the exported train_gpt.py, {DEFAULT_PACK}) + artifact; "
           f"codec {art.codec}-{art.level}; heads {cfg.model.num_heads}, vocab {cfg.model.vocab_size}")
     print(f"estimate: compressed bytes per element measured once on N(0,1) {CALIBRATION_SHAPE[0]}x"
           f"{CALIBRATION_SHAPE[1]} matrices (a proxy for trained weights; see tools/budget.py):")

@@ -117,7 +117,8 @@ class Bundle:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 for t in targets:
                     if isinstance(t, ast.Name) and t.id in self.constants:
-                        node.value = ast.parse(repr(self.constants[t.id]), mode="eval").body
+                        value = self.constants[t.id]
+                        node.value = value if isinstance(value, ast.AST) else ast.parse(repr(value), mode="eval").body
                         found.add(t.id)
         missing = set(self.constants) - found
         if missing:

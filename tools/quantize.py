@@ -16,7 +16,6 @@ from core.artifact import CODECS, read_artifact, size_report, write_artifact, wr
 from core.errors import UserError
 from core.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, collect_training_hessians, quantize_weights_gptq
 from core.quant import SCHEMES, compose_scheme
-from core.size import code_bytes
 from core.weights import load_weights
 
 
@@ -30,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--codec", default="zlib", help=f"compression ({', '.join(sorted(CODECS))}; default zlib)")
     p.add_argument("--level", type=int, help="codec level (default: zlib 9, zstd 22, lzma 9)")
     p.add_argument("--backend", default="torch", choices=["torch", "mlx"],
-                   help="whose code bytes to count, and which runs the model for --gptq and --eval")
+                   help="which backend runs the model for --gptq and --eval")
     p.add_argument("--gptq", action="store_true",
                    help="full Hessian GPTQ for the tensors an intN per-row scheme quantizes (int4..int7, int8_search)")
     p.add_argument("--batches", type=int, help="--gptq: training batches to collect Hessians on "
@@ -54,6 +53,18 @@ def _run_config(args):
         raise UserError(f"{what}: not found; --gptq and --eval take train.seq_len and the batch sizes from a "
                         "run config: pass --config CONFIG.toml")
     return load_config(path, [f'data.path="{args.data}"'] if args.data else [])
+
+
+def _code_bytes(args) -> int:
+    """The exported script's bytes for the run's config (config.toml beside WEIGHTS, or --config); 0 without one
+    (the report then counts the artifact alone and says so)."""
+    path = Path(args.config) if args.config else Path(args.weights).parent / "config.toml"
+    if not path.is_file():
+        print(f"code bytes: no run config ({path}); counted as 0 (pass --config to count the exported train_gpt.py)")
+        return 0
+    from tools.script import submission_code_bytes
+
+    return submission_code_bytes(_run_config(args))
 
 
 class _Model:
@@ -127,7 +138,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     else:
         info = write_artifact(args.out, spec.to_dict(), weights, scheme=scheme, codec=args.codec, level=args.level)
     print(f"wrote {args.out}: {info.total_bytes:,} bytes ({scheme}, {info.codec_label})")
-    print(size_report(info, code_bytes(args.backend)))
+    print(size_report(info, _code_bytes(args)))
     if args.eval:
         after = model.val_bpb(read_artifact(args.out)[1])
         line = f"val_bpb: artifact round trip {after:.4f}"

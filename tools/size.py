@@ -19,10 +19,11 @@ from core.config import load_config
 from core.errors import UserError
 from core.params import count_params, init_weights, param_table
 from core.quant import QuantizedWeights, quantize_weights, scheme_for_tensor
-from core.size import CHALLENGE_LIMIT, ROOT, code_bytes, code_files
+from core.size import CHALLENGE_LIMIT
+from tools.script import DEFAULT_PACK, submission_code_bytes
 
-CODE_NOTE = ("code counted: core/*.py and the one backend's *.py, uncompressed bytes (what a submission needs "
-             "to rebuild and run the model; tools/, tests/ and configs/ are not needed at inference)")
+CODE_NOTE = ("code counted: the train_gpt.py that `loopgolf export` writes for this config, with its default "
+             f"{DEFAULT_PACK} packing (the challenge counts that one file; `loopgolf export --pack` picks another)")
 
 
 def group_rows(qw: QuantizedWeights, info: ArtifactInfo, codec: str, level: int) -> list[dict]:
@@ -72,12 +73,13 @@ def print_total(label: str, artifact: int, code: int) -> None:
     print(f"{label}: {total:,} B of {CHALLENGE_LIMIT:,}  {verdict}")
 
 
-def print_code() -> int:
-    for backend in ("torch", "mlx"):
-        print(f"code ({backend}): {code_bytes(backend):,} B in {len(code_files(backend))} files")
+def print_code(cfg) -> int:
+    """The submission script's bytes under each packing; returns the default packing's."""
+    sizes = {how: submission_code_bytes(cfg, how) for how in (DEFAULT_PACK, "brotli", "none")}
+    print(f"code: {sizes[DEFAULT_PACK]:,} B (train_gpt.py, {DEFAULT_PACK}; brotli {sizes['brotli']:,} B, "
+          f"plain {sizes['none']:,} B)")
     print(CODE_NOTE)
-    print("totals below count the torch code (the 8xH100 submission backend)")
-    return code_bytes("torch")
+    return sizes[DEFAULT_PACK]
 
 
 def run_size(args) -> int:
@@ -114,7 +116,7 @@ def run_size(args) -> int:
     print(f"estimate for trained weights (loopgolf budget's calibrated bytes-per-parameter model): "
           f"{est.artifact_bytes:,} B")
     print()
-    code = print_code()
+    code = print_code(cfg)
     print_total("total, init artifact + code", info.total_bytes, code)
     print_total("total, trained estimate + code", est.artifact_bytes, code)
     return 0
@@ -154,11 +156,28 @@ def run_size_run(run_dir: Path) -> int:
     print(f"artifact: {art_path.name}")
     print_table(group_rows(qw, info, info.codec, info.level), info)
     print()
-    code_now = print_code()
+    config_path = run_dir / "config.toml"
+    cfg = load_config(config_path) if config_path.is_file() else None
+    code_now = print_code(cfg) if cfg is not None else None
     if final is None:
         print("metrics.jsonl has no final record: the run did not finish its export")
-        print_total("total, artifact + code (torch, now)", info.total_bytes, code_now)
+        if code_now is not None:
+            print_total("total, artifact + code (now)", info.total_bytes, code_now)
         return 0
+    keys = ("val_bpb", "roundtrip_val_bpb", "artifact_bytes", "code_bytes", "total_bytes", "params",
+            "effective_params", "steps", "backend")
+    print("final record: " + ", ".join(f"{k}={final[k]}" for k in keys if k in final))
+    if final.get("artifact_bytes") not in (None, info.total_bytes):
+        print(f"WARNING: the final record says artifact_bytes={final['artifact_bytes']}, the file has "
+              f"{info.total_bytes}: the artifact changed after the run")
+    run_code = final.get("code_bytes")
+    if isinstance(run_code, int):
+        print_total("total, artifact + code as the run counted it", info.total_bytes, run_code)
+    if code_now is not None:
+        print_total("total, artifact + code (the script export writes now)", info.total_bytes, code_now)
+    else:
+        print(f"no {config_path.name} in {run_dir}: the code bytes need the run's config")
+    return 0
     keys = ("val_bpb", "roundtrip_val_bpb", "artifact_bytes", "code_bytes", "total_bytes", "params",
             "effective_params", "steps", "backend")
     print("final record: " + ", ".join(f"{k}={final[k]}" for k in keys if k in final))
