@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -374,13 +375,13 @@ class ModelSpec:
             if "layer_plan" in table:
                 raise UserError(f"give either {where}.depth or {where}.layer_plan, not both")
             table["layer_plan"] = table.pop("depth")
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        # Resolved types, not the annotation text: a bundled, minified copy of this module may spell them otherwise.
+        hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for key, value in table.items():
             if key == "layer_plan":
                 continue
-            annotation = {"int": int, "float": float, "bool": bool, "str": str}[hints[key]]
-            values[key] = coerce(value, annotation, f"{where}.{key}")
+            values[key] = coerce(value, hints[key], f"{where}.{key}")
         if "layer_plan" in table:
             plan, blocks = parse_layer_plan(table["layer_plan"], values.get("num_layers"), f"{where}.layer_plan")
             values["layer_plan"] = plan
