@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from backend_torch.compiled import compile_graph
 from core.config import OptimConfig
 from core.params import MATRIX, param_table
 from core.spec import ModelSpec
@@ -78,18 +79,19 @@ def apply_step_(p: torch.Tensor, delta: torch.Tensor, lr: torch.Tensor, wd: floa
 def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: int = 1,
                 ns_dtype=torch.float32, compile: bool = False):
     """update(params, state, grads, lr_scale, momentum) updates params and state in place (no_grad), with
-    lr_scale and momentum as 0-d tensors so a compiled update is traced once."""
+    lr_scale and momentum as 0-d tensors so a compiled update is traced once. compile: the whole update is
+    one graph (clip, every Muon matrix, Adam); with several ranks, one graph before the all-reduce of the
+    Muon updates and one after it (a collective inside a graph would tie it to the process group)."""
     infos = param_table(spec)
     groups = {info.name: info.group for info in infos}
     base_lr = group_base_lrs(spec, optim)
     decay, after = weight_decays(spec, optim), optim.weight_decay_after_step
     matrices = [info.name for info in infos if info.group == MATRIX]
     owned = [name for name, owner in muon_owners(spec, world_size).items() if owner == rank]
-    ns = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
 
     def muon_direction(p, buf, g, momentum):
         buf.mul_(momentum).add_(g)  # buf = momentum * buf + g
-        u = ns(g + momentum * buf, optim.muon_backend_steps, dtype=ns_dtype)
+        u = newton_schulz(g + momentum * buf, optim.muon_backend_steps, dtype=ns_dtype)
         return u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
 
     def adam(params: dict, state: dict, grads: dict, lr_scale: torch.Tensor):
@@ -106,13 +108,13 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
             s["m"].copy_(m)
             s["v"].copy_(v)
 
-    adam_step = torch.compile(adam, dynamic=False) if compile else adam
-
-    @torch.no_grad()
-    def update(params: dict, state: dict, grads: dict, lr_scale: torch.Tensor, momentum: torch.Tensor) -> None:
+    def local_update(params: dict, state: dict, grads: dict, lr_scale: torch.Tensor, momentum: torch.Tensor):
+        """All of the update but the all-reduce. One rank: applies Muon to every matrix. Several: returns this
+        rank's Muon updates in one flat buffer (zeros for the matrices it does not own)."""
         grads = clip_by_global_norm(grads, optim.grad_clip_norm)
-        lr = base_lr[MATRIX] * lr_scale
+        flat = None
         if world_size == 1:
+            lr = base_lr[MATRIX] * lr_scale
             for name in matrices:
                 p = params[name]
                 u = muon_direction(p, state["muon"][name], grads[name], momentum).to(p.dtype)
@@ -124,10 +126,24 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
             for name in owned:
                 p = params[name]
                 chunks[name].copy_(muon_direction(p, state["muon"][name], grads[name], momentum).reshape(-1))
+        adam(params, state, grads, lr_scale)  # Adam's tensors are not Muon's: the order does not matter
+        return flat
+
+    def apply_shared(params: dict, flat: torch.Tensor, lr_scale: torch.Tensor) -> None:
+        lr = base_lr[MATRIX] * lr_scale
+        sizes = [params[name].numel() for name in matrices]
+        for name, chunk in zip(matrices, flat.split(sizes)):
+            p = params[name]
+            apply_step_(p, lr * chunk.view_as(p).to(p.dtype), lr, decay.get(name, 0.0), after)
+
+    if compile:
+        local_update, apply_shared = compile_graph(local_update), compile_graph(apply_shared)
+
+    @torch.no_grad()
+    def update(params: dict, state: dict, grads: dict, lr_scale: torch.Tensor, momentum: torch.Tensor) -> None:
+        flat = local_update(params, state, grads, lr_scale, momentum)
+        if world_size > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            for name in matrices:
-                p = params[name]
-                apply_step_(p, lr * chunks[name].view_as(p).to(p.dtype), lr, decay.get(name, 0.0), after)
-        adam_step(params, state, grads, lr_scale)
+            apply_shared(params, flat, lr_scale)
 
     return update

@@ -1,8 +1,10 @@
 """The PyTorch backend behind core.loop: explicit gradients, Muon/Adam over plain tensors, torchrun ranks.
 
-CUDA: the loss is torch.compile'd (fullgraph, static shapes) under bf16 autocast, flash attention,
-TF32. CPU: eager float32, for parity tests and small runs. Each rank trains on its own slice of every
-batch (core.loop slices by rank); gradients and the loss are averaged across ranks once per step.
+CUDA: the loss and the optimizer update are torch.compile'd (fullgraph, static shapes: compiled.py) under
+bf16 autocast, flash attention, TF32: one graph per depth and QAT variant, none recompiled across steps.
+CPU: eager float32, for parity tests and small runs (train.compile = "on" compiles there too). Each rank
+trains on its own slice of every batch (core.loop slices by rank); gradients and the loss are averaged
+across ranks once per step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as tdist
 
 from backend_torch import dist
+from backend_torch.compiled import compile_graph
 from backend_torch.fused_loss import fused_token_losses
 from backend_torch.model import logits, token_losses
 from backend_torch.optim import init_state, make_update, muon_owners
@@ -99,9 +102,10 @@ class TorchTrainer:
                        .requires_grad_(True) for info in param_table(spec)}
         self.state = init_state(spec, self.torch_device)
         self._owners = muon_owners(spec, self.world_size)
-        self._update = make_update(spec, optim, self.rank, self.world_size,
-                                   ns_dtype=torch.bfloat16 if cuda else torch.float32, compile=cuda)
         self._compile = train.compile == "on" or (train.compile == "auto" and cuda)
+        # Newton-Schulz in bf16 on CUDA (upstream's choice) unless the run asks for float32 throughout.
+        ns_dtype = torch.bfloat16 if cuda and self.dtype == torch.bfloat16 else torch.float32
+        self._update = make_update(spec, optim, self.rank, self.world_size, ns_dtype=ns_dtype, compile=self._compile)
         self._qat = None  # (plan, noise) while QAT is on: see set_qat
         self._qat_settings: dict = {}  # (scheme, noise) -> (plan, noise), each built once
         self._eval_fns: dict = {}  # (kind, layers) -> eval function, built on first use
@@ -127,11 +131,8 @@ class TorchTrainer:
 
         if not self._compile:
             return loss_fn, loss_sum_fn
-        # Each depth is its own graph of the same functions: let dynamo keep them all (no recompiles).
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 + len(self._depth_variants)))
-        compile_fn = lambda f: torch.compile(f, fullgraph=True, dynamic=False)  # noqa: E731
-        return compile_fn(loss_fn), compile_fn(loss_sum_fn)
+        # Each depth and QAT setting is its own graph of the same functions (compiled.py keeps them all).
+        return compile_graph(loss_fn), compile_graph(loss_sum_fn)
 
     def set_depth(self, layers: int) -> None:
         """Train and evaluate the first `layers` effective layers (core.depth.truncated_spec) over the same
@@ -216,7 +217,7 @@ class TorchTrainer:
         def make(spec, dtype):
             per_token = per_token_losses(self._compile, dtype)
             fn = lambda p, x, y: per_token(spec, p, x, y, dtype)  # noqa: E731
-            return torch.compile(fn, fullgraph=True, dynamic=False) if self._compile else fn
+            return compile_graph(fn) if self._compile else fn
 
         fn = self._eval_fn("token_losses", make)
         x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)
