@@ -25,11 +25,12 @@ from core import checkpoint as ckpt_io
 from core import gptq
 from core.averaging import WeightAverager
 from core.bpb import ByteLuts, bpb_from_sums, count_bytes
+from core.clock import TrainClock
 from core.config import RunConfig
 from core.depth import depth_schedule
 from core.errors import UserError
 from core.params import count_params
-from core.runlog import RunLog
+from core.runlog import RunLog, TrainReport
 from core.schedule import lr_multiplier, muon_momentum
 from core.shards import TokenStream, next_batch
 from core.sliding import final_sliding_eval
@@ -278,87 +279,84 @@ class Trainer:
             return self._run(resume)
 
     def _run(self, resume: ckpt_io.Checkpoint | None) -> dict:
-        cfg, t, b, log = self.cfg, self.cfg.train, self.backend, self.log
+        cfg, t, b = self.cfg, self.cfg.train, self.backend
+        report = TrainReport(self.log, t.iterations, with_layers=self.depth_schedule is not None)
         stream = TokenStream(self.train_files)
         cap_ms = t.max_wallclock_seconds * 1000.0 if t.max_wallclock_seconds > 0 else None
-        train_ms, step, stop_after = 0.0, 0, None
-        if cfg.artifact.qat == "start":  # before the priming steps, which compile the QAT forward
-            self._start_qat(resume.step + 1 if resume else 1, 1.0)
-        if resume is None:
-            self.prime()
-        else:
-            # The priming steps only warm compilation here (their effect is undone), so one is enough.
-            self.prime(min(t.warmup_steps, 1))
-            b.set_state(resume.weights, resume.optimizer)
-            stream.seek(*resume.position)
-            step, train_ms, stop_after = resume.step, resume.train_time_ms, resume.stop_after
-            self.last_checkpoint = resume.path
-            log.line(f"resume: step:{step}/{t.iterations} train_time:{train_ms:.0f}ms from {resume.path}")
-            log.event("resume", step=step, train_time_ms=train_ms, checkpoint=str(resume.path))
-            if self.depth_schedule is not None:  # continue at the checkpoint's depth; the schedule moves it on
-                self._set_layers(resume.layers, step, " (from the checkpoint)")
+        step, train_ms, stop_after = self._start(resume, stream, report)
         self.averager = WeightAverager(cfg.average, b, resume.average if resume else None)
         val_loss = val_bpb = float("nan")
-        progress = log.progress(t.iterations)
-        t0 = time.perf_counter()
+        progress = self.log.progress(t.iterations)
+        clock = TrainClock(train_ms)
         while True:
             last = step == t.iterations or (stop_after is not None and step >= stop_after)
-            self._follow_depth_schedule(step, train_ms + 1000 * (time.perf_counter() - t0), last)
+            self._follow_depth_schedule(step, clock.ms(), last)
             if last or (t.val_every > 0 and step % t.val_every == 0):
-                train_ms += 1000 * (time.perf_counter() - t0)
-                val_loss, val_bpb = self._validate()
-                log.line(
-                    f"step:{step}/{t.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
-                )
-                log.event("val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_ms,
-                          **({"layers": self.layers} if self.depth_schedule is not None else {}))
-                t0 = time.perf_counter()  # validation time is not training time
+                with clock.paused() as train_ms:  # validation time is not training time
+                    val_loss, val_bpb = self._validate()
+                    report.val(step, val_loss, val_bpb, train_ms, self.layers)
             if last:
-                if stop_after is not None and step < t.iterations:
-                    log.line(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{t.iterations}")
-                sig, _ = self._agree_stop(False)
-                if sig:  # a signal during the final validation: stop before the export, resumable
-                    log.close_progress()
-                    raise ckpt_io.Interrupted(sig, step, self._checkpoint(step, train_ms, stream, stop_after))
+                self._stop_at_the_end(step, clock.banked_ms, stream, stop_after, report)
                 break
-            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            lr_scale = lr_multiplier(step, elapsed, t)
+            lr_scale = lr_multiplier(step, clock.ms(), t)
             if cfg.artifact.qat == "late" and not self.qat_on and lr_scale < cfg.artifact.qat_lr_threshold:
                 self._start_qat(step + 1, lr_scale)  # #1110's late QAT
             loss = b.train_step(self._batches(stream), lr_scale, muon_momentum(step, cfg.optim))
             if not math.isfinite(loss):
-                log.close_progress()
-                log.line(f"stopped: train_loss:{loss} at step:{step + 1}")
-                log.event("nonfinite", step=step + 1, train_loss=str(loss),
-                          checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+                report.nonfinite(step + 1, loss, self.last_checkpoint)
                 raise FloatingPointError(
                     f"train_loss is {loss} at step {step + 1}, nothing exported. {self._nan_hint()}")
             step += 1
             self.averager.after_step(step, lr_scale, self.at_full_depth)
-            now_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            now_ms = clock.ms()
             tok_s = step * t.batch_tokens / max(now_ms / 1000, 1e-9)
             progress.update(loss, tok_s)
             if t.log_every > 0 and (step <= 10 or step % t.log_every == 0 or stop_after is not None):
-                log.line(
-                    f"step:{step}/{t.iterations} train_loss:{loss:.4f} train_time:{now_ms:.0f}ms "
-                    f"step_avg:{now_ms / step:.2f}ms tok_s:{tok_s:.0f}"
-                )
-                log.event("train", step=step, train_loss=loss, tok_s=tok_s, train_time_ms=now_ms)
+                report.train(step, loss, now_ms, tok_s)
             # Every rank stops at the same step, for the wallclock cap and for a signal.
             sig, reached = self._agree_stop(cap_ms is not None and now_ms >= cap_ms)
             if stop_after is None and reached:
                 stop_after = step
             if sig or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0):
-                train_ms += 1000 * (time.perf_counter() - t0)  # checkpoint time is not training time
-                path = self._checkpoint(step, train_ms, stream, stop_after)
+                with clock.paused() as train_ms:  # checkpoint time is not training time
+                    path = self._checkpoint(step, train_ms, stream, stop_after)
                 if sig:
-                    log.close_progress()
+                    self.log.close_progress()
                     raise ckpt_io.Interrupted(sig, step, path)
-                t0 = time.perf_counter()
-        log.close_progress()
+        self.log.close_progress()
+        train_ms = clock.banked_ms
         return {"steps": step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time_ms": train_ms,
                 "tok_s": step * t.batch_tokens / max(train_ms / 1000, 1e-9)}
+
+    def _start(self, resume: ckpt_io.Checkpoint | None, stream: TokenStream, report: TrainReport):
+        """Prime the compiled steps and, when resuming, restore the checkpoint's state: (step, train_ms,
+        stop_after) to continue from."""
+        t = self.cfg.train
+        if self.cfg.artifact.qat == "start":  # before the priming steps, which compile the QAT forward
+            self._start_qat(resume.step + 1 if resume else 1, 1.0)
+        if resume is None:
+            self.prime()
+            return 0, 0.0, None
+        # The priming steps only warm compilation here (their effect is undone), so one is enough.
+        self.prime(min(t.warmup_steps, 1))
+        self.backend.set_state(resume.weights, resume.optimizer)
+        stream.seek(*resume.position)
+        self.last_checkpoint = resume.path
+        report.resume(resume.step, resume.train_time_ms, resume.path)
+        if self.depth_schedule is not None:  # continue at the checkpoint's depth; the schedule moves it on
+            self._set_layers(resume.layers, resume.step, " (from the checkpoint)")
+        return resume.step, resume.train_time_ms, resume.stop_after
+
+    def _stop_at_the_end(self, step: int, train_ms: float, stream: TokenStream, stop_after: int | None,
+                         report: TrainReport) -> None:
+        """After the final validation: say why the run stopped early, and stop resumably on a signal that came
+        during that validation (before the export)."""
+        if stop_after is not None and step < self.cfg.train.iterations:
+            report.stopping_early(step, train_ms)
+        sig, _ = self._agree_stop(False)
+        if sig:
+            self.log.close_progress()
+            raise ckpt_io.Interrupted(sig, step, self._checkpoint(step, train_ms, stream, stop_after))
 
     def _apply_average(self, result: dict) -> tuple[dict, dict]:
         """Put the averaged weights ([average]) on the backend for the export and score them. Returns the

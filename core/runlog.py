@@ -105,3 +105,34 @@ class RunLog:
         for f in (self._log, self._metrics):
             if f:
                 f.close()
+
+
+class TrainReport:
+    """The training loop's lines in upstream's train.log format (which people parse), each with its
+    metrics.jsonl event."""
+
+    def __init__(self, log: RunLog, iterations: int, with_layers: bool):
+        self.log, self.iterations, self.with_layers = log, iterations, with_layers
+
+    def resume(self, step: int, train_ms: float, path) -> None:
+        self.log.line(f"resume: step:{step}/{self.iterations} train_time:{train_ms:.0f}ms from {path}")
+        self.log.event("resume", step=step, train_time_ms=train_ms, checkpoint=str(path))
+
+    def val(self, step: int, val_loss: float, val_bpb: float, train_ms: float, layers: int) -> None:
+        self.log.line(f"step:{step}/{self.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                      f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+        self.log.event("val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=train_ms,
+                       **({"layers": layers} if self.with_layers else {}))
+
+    def train(self, step: int, loss: float, train_ms: float, tok_s: float) -> None:
+        self.log.line(f"step:{step}/{self.iterations} train_loss:{loss:.4f} train_time:{train_ms:.0f}ms "
+                      f"step_avg:{train_ms / step:.2f}ms tok_s:{tok_s:.0f}")
+        self.log.event("train", step=step, train_loss=loss, tok_s=tok_s, train_time_ms=train_ms)
+
+    def stopping_early(self, step: int, train_ms: float) -> None:
+        self.log.line(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{self.iterations}")
+
+    def nonfinite(self, step: int, loss: float, checkpoint) -> None:
+        self.log.close_progress()
+        self.log.line(f"stopped: train_loss:{loss} at step:{step}")
+        self.log.event("nonfinite", step=step, train_loss=str(loss), checkpoint=str(checkpoint) if checkpoint else None)

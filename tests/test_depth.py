@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import backend_torch  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch's OpenMP starts)
+import core.clock
 from core import checkpoint as ck
 from core import loop as core_loop
 from core.config import config_from_dict
@@ -127,7 +128,7 @@ def run_fake(tmp_path, demo_data, monkeypatch, **train):
     from core.runlog import RunLog
 
     clock = [0.0]
-    monkeypatch.setattr(core_loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(core.clock, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # the train clock
     cfg = cfg_for({"vocab_size": 1024}, **train)
     backend = FakeClockBackend(cfg.model, clock)
     luts = ByteLuts(np.ones(1024, np.int16), np.zeros(1024, bool), np.zeros(1024, bool))
