@@ -322,10 +322,12 @@ def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str =
 
 # Built-in profiles: run settings for a machine, applied with --profile NAME even when the config has no
 # [profile.NAME] tables. A config's own [profile.NAME.<table>] tables apply on top of these.
+# h100: upstream's record run, whose batch, sequence and cap are TrainConfig's defaults (one place for them),
+# on the full FineWeb download.
 BUILTIN_PROFILES = {
     "h100": {
-        "train": {"batch_tokens": 524288, "seq_len": 1024, "max_wallclock_seconds": 600.0},
-        "data": {"path": "data", "dataset": "fineweb10B_sp1024"},
+        "train": {key: getattr(TrainConfig, key) for key in ("batch_tokens", "seq_len", "max_wallclock_seconds")},
+        "data": {"path": DataConfig.path, "dataset": "fineweb10B_sp1024"},
     },
 }
 
