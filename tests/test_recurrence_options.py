@@ -22,11 +22,7 @@ mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
 import backend_mlx  # noqa: E402
-from backend_mlx import model as mm  # noqa: E402
-from backend_mlx.optim import init_state as mlx_init_state, make_update as mlx_make_update  # noqa: E402
-from backend_torch import model as tm  # noqa: E402
-from backend_torch.optim import init_state as torch_init_state, make_update as torch_make_update  # noqa: E402
-from core.config import OptimConfig, load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.params import SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
@@ -148,29 +144,3 @@ def test_parity_with_all_options_on(plan):
     assert not [r.check for r in rows if not r.ok], "\n" + parity.format_report(rows)
     grads = {r.check[5:] for r in rows if r.check.startswith("grad ")}
     assert set().union(*NEW.values()) <= grads
-
-
-def one_step_in_both(spec, w, mlx_grads, torch_grads):
-    """Assert every parameter sits in exactly one optimizer group of each backend (Muon for matrices,
-    Adam for the rest), then take one update in each from weights `w`; return the weights after it as
-    numpy, (MLX, torch)."""
-    optim = OptimConfig()
-    for state in (mlx_init_state(spec, {}), torch_init_state(spec)):
-        for info in param_table(spec):
-            assert (info.name in state["muon"]) + (info.name in state["adam"]) == 1, info.name
-            assert (info.name in state["adam"]) == (info.group != "matrix")
-    mp = {k: mx.array(v) for k, v in w.items()}
-    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec, mp), mlx_grads, mx.array(1.0), mx.array(0.95))
-    tp = {k: torch.tensor(v) for k, v in w.items()}
-    torch_make_update(spec, optim)(tp, torch_init_state(spec), torch_grads, torch.tensor(1.0), torch.tensor(0.95))
-    return {k: np.array(v) for k, v in mp2.items()}, {k: v.numpy() for k, v in tp.items()}
-
-
-def grads_in_both(spec, w):
-    """One backward pass of the mean loss on a fixed batch from weights `w`: (MLX grads, torch grads)."""
-    t = tokens(4, seq=17)
-    x, y = t[:, :-1], t[:, 1:]
-    gm = mx.grad(lambda p: mm.mean_loss(spec, p, mx.array(x), mx.array(y)))({k: mx.array(v) for k, v in w.items()})
-    pt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
-    tm.mean_loss(spec, pt, torch.tensor(x), torch.tensor(y)).backward()
-    return gm, {k: v.grad for k, v in pt.items()}
