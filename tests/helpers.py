@@ -3,10 +3,15 @@
 - tiny specs, token batches and perturbed weights;
 - the numpy float64 reference of the model's forward pass, written from core.spec.ModelSpec's notes;
 - one backward pass and one optimizer step in both backends (MLX and torch are imported only when called);
-- StandInBackend, the part of core.loop.Backend that the numpy stand-ins of the loop tests share.
+- StandInBackend, the part of core.loop.Backend that the numpy stand-ins of the loop tests share;
+- run directories written by hand and PNG probes, for the sweep, compare and plot tests.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import struct
 
 import numpy as np
 
@@ -293,3 +298,52 @@ class StandInBackend:
 
     def all_reduce_max(self, value):
         return value
+
+
+# ---- run directories and plots -----------------------------------------------------------------------
+
+LN2 = math.log(2)
+
+
+def write_run(root, name, seed, final=None, val=((0, 6.9),), train=((1, 6.8), (2, 6.5)), config=None, extra=()):
+    """A run directory as `loopgolf train` writes it: config.toml and metrics.jsonl."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"model": {"layer_plan": "2x3"}, "train": {"seed": seed, "iterations": 2, "val_max_tokens": 0}}
+    for section, table in (config or {}).items():
+        cfg.setdefault(section, {}).update(table)
+    (d / "config.toml").write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items())
+                                           for s, t in cfg.items()))
+    records = [{"event": "start", "params": 100}]
+    records += [{"event": "train", "step": s, "train_loss": v, "train_time_ms": 100.0 * s, "tok_s": 1000.0}
+                for s, v in train]
+    records += [{"event": "val", "step": s, "val_loss": v, "val_bpb": v / LN2 / 3, "train_time_ms": 100.0 * s}
+                for s, v in val]
+    records += list(extra)
+    if final is not None:
+        loss = final
+        records.append({"event": "final", "val_loss": loss + 0.001, "val_bpb": (loss + 0.001) / LN2 / 3,
+                        "roundtrip_val_loss": loss, "roundtrip_val_bpb": loss / LN2 / 3, "artifact_bytes": 5000,
+                        "total_bytes": 9000 + seed, "params": 100, "steps": 2, "train_time_ms": 200.0,
+                        "tok_s": 900.0 + seed, "artifact": "model.int8-zlib.art"})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return d
+
+
+C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours: the two variants
+
+
+def png_size(path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def colour_share(img: np.ndarray, rgb) -> float:
+    return float((np.abs(img - np.array(rgb)).sum(axis=2) < 40).mean())

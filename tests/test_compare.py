@@ -10,35 +10,11 @@ from scipy import stats
 from core.errors import UserError
 from core.results import collect, curves, read_events
 from core.stats import welch_improvement
+from tests.helpers import write_run
 from tools.cli import main
 from tools.compare import compare
 
 LN2 = math.log(2)
-
-
-def write_run(root, name, seed, final=None, val=((0, 6.9),), train=((1, 6.8), (2, 6.5)), config=None, extra=()):
-    """A run directory as `loopgolf train` writes it: config.toml and metrics.jsonl."""
-    d = root / name
-    d.mkdir(parents=True)
-    cfg = {"model": {"layer_plan": "2x3"}, "train": {"seed": seed, "iterations": 2, "val_max_tokens": 0}}
-    for section, table in (config or {}).items():
-        cfg.setdefault(section, {}).update(table)
-    (d / "config.toml").write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items())
-                                           for s, t in cfg.items()))
-    records = [{"event": "start", "params": 100}]
-    records += [{"event": "train", "step": s, "train_loss": v, "train_time_ms": 100.0 * s, "tok_s": 1000.0}
-                for s, v in train]
-    records += [{"event": "val", "step": s, "val_loss": v, "val_bpb": v / LN2 / 3, "train_time_ms": 100.0 * s}
-                for s, v in val]
-    records += list(extra)
-    if final is not None:
-        loss = final
-        records.append({"event": "final", "val_loss": loss + 0.001, "val_bpb": (loss + 0.001) / LN2 / 3,
-                        "roundtrip_val_loss": loss, "roundtrip_val_bpb": loss / LN2 / 3, "artifact_bytes": 5000,
-                        "total_bytes": 9000 + seed, "params": 100, "steps": 2, "train_time_ms": 200.0,
-                        "tok_s": 900.0 + seed, "artifact": "model.int8-zlib.art"})
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return d
 
 
 BASE = [3.90, 3.91, 3.905]

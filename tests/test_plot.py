@@ -1,33 +1,13 @@
 """`loopgolf plot` from run directories written by hand: the PNG's size and content, and the CSV beside it."""
 
 import csv
-import struct
 
 import numpy as np
 import pytest
 
-from tests.test_compare import write_run
+from tests.helpers import C0, C1, colour_share, pixels, png_size, write_run
 from tools.cli import main
 from tools.plot import DPI, HEIGHT_IN, WIDTH_IN
-
-C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours: the two variants
-
-
-def png_size(path) -> tuple[int, int]:
-    head = path.read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
-
-
-def pixels(path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB")).astype(int)
-
-
-def colour_share(img: np.ndarray, rgb) -> float:
-    return float((np.abs(img - np.array(rgb)).sum(axis=2) < 40).mean())
-
 
 @pytest.mark.slow  # matplotlib's import and one figure: about 3 s on 2 cores
 def test_png_and_csv_from_runs_with_and_without_validation_records(tmp_path, capsys):

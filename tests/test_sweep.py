@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tests.test_plot import C0, C1, colour_share, pixels, png_size
+from tests.helpers import C0, C1, colour_share, pixels, png_size
 from tools.cli import main
 from tools.compare import compare
 from core.results import collect
