@@ -19,8 +19,20 @@ from core.params import GROUPS, init_weights, param_table
 from core.spec import ModelSpec
 
 TINY = {"vocab_size": 64, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2}
+# The seeds' remaining parts (tests/test_seed_parts.py), each on its own. At TINY (d 32, 4/2 heads) kv_dim is
+# 16, so a VE table of width 8 has a projection; the plans have 6 layers.
+SEED_PART_OPTIONS = {
+    "bigram_table": {"bigram_table_size": 32},
+    "ve": {"ve_layers": "1,4", "ve_dim": 8},
+    "ve_full_width": {"ve_layers": "5", "ve_dim": 16},
+    "vrl": {"value_residual": True},
+    "ln_scale": {"ln_scale": True},
+    "seed319": {"loop_gates": True, "loop_gate_style": "seed319"},
+    "phase": {"resid_mix_phase": True},
+}
 # The per-iteration conditioning switches (core.spec.ModelSpec), all on: identity at init.
-ALL_ON = {o: True for o in ("iter_embeds", "loop_embeds", "per_layer_scales", "iter_scales", "layer_gains", "loop_gates")}
+ALL_ON = {o: True for o in ("iter_embeds", "loop_embeds", "per_layer_scales", "iter_scales", "layer_gains",
+                            "loop_gates")}
 PLANS = ("2x3", "0 1 2 1 2 3")  # cyclic, and a middle-looped plan whose loop index goes 0 0 0 1 1 0
 # fp32 parity of the whole model. Both backends run the same ops in float32; they differ only in summation
 # order inside matmuls/SDPA and in how RoPE frequencies are formed (MLX's fast rope uses base**(-2i/d), torch
@@ -41,7 +53,8 @@ def tokens(seed: int = 1, batch: int = 2, seq: int = 16, vocab: int = TINY["voca
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq))
 
 
-def perturbed(spec: ModelSpec, seed: int = 0, scale: float = 0.05, init_seed: int | None = None) -> dict[str, np.ndarray]:
+def perturbed(spec: ModelSpec, seed: int = 0, scale: float = 0.05,
+              init_seed: int | None = None) -> dict[str, np.ndarray]:
     """init_weights(spec, init_seed or seed) with N(0, scale) noise on every tensor: zero-initialised projections
     would make every block the identity and hide attention/MLP bugs. scale=0 gives the plain init."""
     rng = np.random.default_rng(seed)

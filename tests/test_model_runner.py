@@ -29,7 +29,8 @@ pytest.importorskip("torch")
 import backend_mlx  # noqa: E402
 from core.params import param_table  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    ALL_ON, LOGIT_ATOL, PLANS, REFERENCE_ATOL, checked_grads, one_step_in_both, reference_logits, spec_for, tokens)
+    ALL_ON, LOGIT_ATOL, PLANS, REFERENCE_ATOL, SEED_PART_OPTIONS, checked_grads, one_step_in_both, reference_logits,
+    spec_for, tokens)
 from tools import parity  # noqa: E402
 
 CONDITIONING = {**ALL_ON, "loop_gate_init": 0.7}
@@ -67,13 +68,7 @@ VARIANTS = {
     "value_embeds": {"value_embeds": 2},
     "attention+inputs": {**ATTENTION_AND_INPUTS, **CONDITIONING},
     # the seeds' remaining parts (tests/test_seed_parts.py)
-    "bigram_table": {"bigram_table_size": 32},
-    "ve": {"ve_layers": "1,4", "ve_dim": 8},
-    "ve_full_width": {"ve_layers": "5", "ve_dim": 16},
-    "vrl": {"value_residual": True},
-    "ln_scale": {"ln_scale": True},
-    "seed319": {"loop_gates": True, "loop_gate_style": "seed319"},
-    "phase": {"resid_mix_phase": True},
+    **SEED_PART_OPTIONS,
     "seed_parts": SEED_PARTS,
     # all at once (the phase init and per-layer scales exclude each other; #319's gates replace the others)
     "everything": {**BLOCKS, **ATTENTION_AND_INPUTS, **{k: v for k, v in CONDITIONING.items() if k != "loop_gate_init"},

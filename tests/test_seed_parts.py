@@ -28,20 +28,11 @@ from core.errors import UserError  # noqa: E402
 from core.params import EMBED, MATRIX, SCALAR, count_params, init_weights, param_table  # noqa: E402
 from core.quant import is_control_name  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
-from tests.helpers import REFERENCE_ATOL, TINY, reference_logits, spec_for, tokens  # noqa: E402
+from tests.helpers import REFERENCE_ATOL, SEED_PART_OPTIONS, TINY, reference_logits, spec_for, tokens  # noqa: E402
 from tools import parity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# At TINY (d 32, 4/2 heads): kv_dim 16, so a VE table of width 8 has a projection. Plans have 6 layers.
-OPTIONS = {
-    "bigram_table": {"bigram_table_size": 32},
-    "ve": {"ve_layers": "1,4", "ve_dim": 8},
-    "ve_full_width": {"ve_layers": "5", "ve_dim": 16},
-    "vrl": {"value_residual": True},
-    "ln_scale": {"ln_scale": True},
-    "seed319": {"loop_gates": True, "loop_gate_style": "seed319"},
-    "phase": {"resid_mix_phase": True},
-}
+OPTIONS = SEED_PART_OPTIONS
 NEW = {  # the tensors each option adds
     "bigram_table": {"bigram_emb.weight"},
     "ve": {"ve_shared.embed.weight", "ve_shared.proj.weight", "ve_shared.scale", "ve_layer_scales"},
