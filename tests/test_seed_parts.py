@@ -110,11 +110,11 @@ def test_seed_counts():
 
 
 def test_orthogonal_init_and_projection_rescale():
-    """#1110's _init_weights at d 128 (3 blocks): the >= 64 x 64 matrices that are not zero-init are orthogonal,
+    """#1110's _init_weights at d 64 (3 blocks): the >= 64 x 64 matrices that are not zero-init are orthogonal,
     bigram/VE projections (named .proj.) scaled by 1/sqrt(2 * 3); attn.proj/mlp.proj stay 0; smaller ones
     keep the default init."""
-    spec = ModelSpec.from_table({"vocab_size": 64, "model_dim": 128, "num_heads": 4, "num_kv_heads": 1,
-                                 "layer_plan": "3x2", "bigram_buckets": 16, "bigram_dim": 64,
+    spec = ModelSpec.from_table({"vocab_size": 64, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1,
+                                 "layer_plan": "3x2", "bigram_buckets": 16, "bigram_dim": 96,
                                  "ve_layers": "5", "ve_dim": 64, "ortho_init": True})
     table = {i.name: i for i in param_table(spec)}
     w = init_weights(spec, 3)
@@ -124,7 +124,7 @@ def test_orthogonal_init_and_projection_rescale():
         small_side = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
         np.testing.assert_allclose(small_side, gain**2 * np.eye(min(m.shape)), atol=1e-5, err_msg=name)
         assert table[name].init == "orthogonal"
-    assert table["blocks.1.attn.c_k.weight"].init == "uniform_fan_in"  # (32, 128): below 64 rows
+    assert table["blocks.1.attn.c_k.weight"].init == "uniform_fan_in"  # (32, 64): below 64 rows
     assert table["ve_shared.proj.weight"].init == "uniform_fan_in"  # (32, 64): below 64, a Linear's default
     assert not w["blocks.0.attn.proj.weight"].any() and not w["blocks.0.mlp.proj.weight"].any()
     # Without the option the same tensors keep their defaults, and other tensors' values do not move.
