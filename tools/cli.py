@@ -34,6 +34,7 @@ COMMANDS = {
     "plot": ("tools.plot", "run_plot"),
     "data": ("tools.data", "run_data"),
     "export": ("tools.export", "run_export"),
+    "gpu-check": ("tools.gpu_check", "run_gpu_check"),
 }
 
 
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tools.data import add_parser as add_data_parser
 
     add_data_parser(sub)
+    from tools.gpu_check import add_parser as add_gpu_check_parser
+
+    add_gpu_check_parser(sub)
     return parser
 
 
