@@ -36,8 +36,9 @@ class TrainConfig:
     max_wallclock_seconds: float = 600.0  # 0: no cap
     seed: int = 1337
     compute_dtype: str = "auto"  # "auto" (bf16 on GPU/Metal, fp32 on CPU), "float32", "bfloat16"
-    # torch: torch.compile the loss. "auto": on CUDA only (on a CPU the compile, 25-70 s, outweighs a short run's
-    # gain of about 1.17x per step: docs/benchmarks.md); "on"/"off" force it. MLX always compiles its step.
+    # torch: torch.compile the loss and the optimizer update. "auto": on CUDA only (on a CPU the compile, a
+    # minute or more, outweighs a short run's gain per step: docs/benchmarks.md); "on"/"off" force it. MLX
+    # always compiles its step.
     compile: str = "auto"
     checkpoint_every: int = 0  # >0: write RUN_DIR/checkpoints/step_N every N steps (0: only on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
