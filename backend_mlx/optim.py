@@ -4,7 +4,9 @@ Mirrors the torch backend's optim.py. Upstream's maths: Newton-Schulz with 5 qui
 momentum, update scaled by sqrt(max(1, rows/cols)); Adam with bias correction. On MLX the
 Newton-Schulz iteration runs in float32, as upstream's MLX script does. Decoupled weight decay
 (optim.<group>_weight_decay, core.schedule.weight_decays) scales a parameter by 1 - lr * wd with its
-group's lr, before the step or, with optim.weight_decay_after_step, after it.
+group's lr, before the step or, with optim.weight_decay_after_step, after it. MuonEq-R
+(optim.muon_row_normalize, #1394/#1493): each row of the Nesterov update is divided by its L2 norm (at
+least 1e-7) before Newton-Schulz.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def newton_schulz(g: mx.array, steps: int, eps: float = 1e-7) -> mx.array:
         gram = x @ x.T
         x = a * x + (b * gram + c * (gram @ gram)) @ x
     return x.T if transposed else x
+
+
+def normalize_rows(g: mx.array, eps: float = 1e-7) -> mx.array:
+    """MuonEq-R: each row of g divided by its L2 norm, clamped below at eps."""
+    return g / mx.maximum(mx.sqrt(mx.sum(g * g, axis=-1, keepdims=True)), eps)
 
 
 def init_state(spec: ModelSpec, params: dict) -> dict:
@@ -80,7 +87,10 @@ def make_update(spec: ModelSpec, optim: OptimConfig):
             lr = base_lr[groups[name]] * lr_scale
             if groups[name] == MATRIX:
                 buf = momentum * state["muon"][name] + g
-                u = newton_schulz(g + momentum * buf, optim.muon_backend_steps)
+                nesterov = g + momentum * buf
+                if optim.muon_row_normalize:
+                    nesterov = normalize_rows(nesterov)
+                u = newton_schulz(nesterov, optim.muon_backend_steps)
                 u = u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
                 new_params[name] = apply_step(p, lr * u, lr, decay.get(name, 0.0), optim.weight_decay_after_step)
                 muon[name] = buf

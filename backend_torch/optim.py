@@ -10,7 +10,9 @@ updates into one flat buffer (zeros elsewhere), a single all_reduce(SUM) shares 
 applies all of them. A rank's Muon buffers for matrices it does not own stay zero: to checkpoint them,
 take each from its owner (or all_reduce_sum the buffers). Adam is replicated on every rank. Decoupled
 weight decay (optim.<group>_weight_decay, core.schedule.weight_decays) scales a parameter by 1 - lr * wd
-with its group's lr, before the step or, with optim.weight_decay_after_step, after it.
+with its group's lr, before the step or, with optim.weight_decay_after_step, after it. MuonEq-R
+(optim.muon_row_normalize, #1394/#1493): each row of the Nesterov update is divided by its L2 norm (at
+least 1e-7) before Newton-Schulz.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7, dtype=torch.fl
         gram = x @ x.T
         x = a * x + (b * gram + c * (gram @ gram)) @ x
     return x.T if transposed else x
+
+
+def normalize_rows(g: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """MuonEq-R: each row of g divided by its L2 norm, clamped below at eps."""
+    return g / torch.sqrt(torch.sum(g * g, dim=-1, keepdim=True)).clamp_min(eps)
 
 
 def init_state(spec: ModelSpec, device="cpu") -> dict:
@@ -91,7 +98,10 @@ def make_update(spec: ModelSpec, optim: OptimConfig, rank: int = 0, world_size: 
 
     def muon_direction(p, buf, g, momentum):
         buf.mul_(momentum).add_(g)  # buf = momentum * buf + g
-        u = newton_schulz(g + momentum * buf, optim.muon_backend_steps, dtype=ns_dtype)
+        g = g + momentum * buf
+        if optim.muon_row_normalize:
+            g = normalize_rows(g)
+        u = newton_schulz(g, optim.muon_backend_steps, dtype=ns_dtype)
         return u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
 
     def adam(params: dict, state: dict, grads: dict, lr_scale: torch.Tensor):

@@ -6,7 +6,8 @@ Layout (all integers little-endian):
     prefix, 76 bytes, uncompressed
       18  magic b"LOOPGOLF-ARTIFACT\\x00"
        2  u16 format version (1)
-      16  codec label, ASCII, NUL-padded: "zlib-9", "zstd-22", "lzma-9"
+      16  codec label, ASCII, NUL-padded: "zlib-9", "zstd-22", "lzma-9", "brotli-11"; "bsS+" in front
+          ("bs2+brotli-11") when the payload was byte-shuffled with stride S before compression
        8  u64 uncompressed payload length
       32  SHA-256 of the uncompressed payload
     the payload, compressed with that codec, to the end of the file
@@ -20,6 +21,11 @@ Layout (all integers little-endian):
                               "scale": null | {"dtype": "float16", "shape": [r], "offset": o, "nbytes": n}}}}
        D  data: each tensor's array then its scale array, tensors in name order, back to back, raw
           little-endian C order; offsets are relative to the start of the data section
+
+Byte shuffle (#1394/#1493's, there with stride 2 before brotli): the payload's bytes split into S planes,
+bytes 0, S, 2S, ... then 1, S+1, ... (the low and high bytes of fp16 scales and of int16/fp32 data land in
+planes of their own, which compress better). It keeps the length, so the prefix's length and SHA-256 are the
+unshuffled payload's, and every codec's decompression stays capped at that declared length.
 """
 
 from __future__ import annotations
@@ -99,6 +105,61 @@ def _zstd_decompress(data: bytes, size: int) -> bytes:
     return out
 
 
+BROTLI_MISSING = "the brotli codec needs the brotli package (pip install 'brotli>=1.2')"
+
+
+def _brotli_compress(data: bytes, level: int) -> bytes:
+    try:
+        import brotli  # here, not at the top: only a brotli artifact needs the package
+    except ImportError:
+        raise UserError(BROTLI_MISSING) from None
+    return brotli.compress(data, quality=level)  # single-threaded and deterministic for a given library
+
+
+def _brotli_decompress(data: bytes, size: int) -> bytes:
+    try:
+        import brotli
+    except ImportError:
+        raise _Malformed(BROTLI_MISSING) from None
+    d = brotli.Decompressor()
+    try:
+        # output_buffer_limit (brotli >= 1.2) stops the output growing much past size + 1, whatever the stream
+        # says; the decoder may hand its output over in pieces, so ask (with no more input) until it has none.
+        out = d.process(data, output_buffer_limit=size + 1)
+        while len(out) <= size and not d.is_finished():
+            more = d.process(b"", output_buffer_limit=size + 1 - len(out))
+            if not more:
+                break
+            out += more
+    except brotli.error as e:
+        raise _Malformed(f"the brotli payload does not decompress ({e})") from None
+    if len(out) > size:
+        raise _Malformed(f"the payload inflates to more than the declared {size} bytes")
+    if not d.is_finished():
+        raise _Malformed("the compressed payload is truncated")
+    return out
+
+
+BYTE_SHUFFLE_STRIDES = range(2, 9)
+
+
+def shuffle_bytes(data: bytes, stride: int) -> bytes:
+    """The payload as `stride` byte planes, plane i holding bytes i, i + stride, ... (see the module docstring)."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    return b"".join(a[i::stride].tobytes() for i in range(stride))
+
+
+def unshuffle_bytes(data: bytes, stride: int) -> bytes:
+    a = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty_like(a)
+    start = 0
+    for i in range(stride):
+        n = len(range(i, len(a), stride))
+        out[i::stride] = a[start : start + n]
+        start += n
+    return out.tobytes()
+
+
 def _lzma_compress(data: bytes, level: int) -> bytes:
     # No xz integrity check: the prefix's SHA-256 covers the payload already.
     return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=level)
@@ -119,8 +180,14 @@ CODECS: dict[str, _Codec] = {
     # memlimit: an xz header can ask for a huge dictionary; preset 9 needs 65 MiB.
     "lzma": _Codec(9, range(0, 10), _lzma_compress,
                    lambda data, size: _inflate_capped(lzma.LZMADecompressor(lzma.FORMAT_XZ, 256 << 20), data, size)),
+    "brotli": _Codec(11, range(0, 12), _brotli_compress, _brotli_decompress),
 }
 _DECODE_ERRORS = (zlib.error, lzma.LZMAError, zstandard.ZstdError, MemoryError)
+
+
+def codec_label(codec: str, level: int, byte_shuffle: int = 0) -> str:
+    """The prefix's codec label: "zlib-9", "bs2+brotli-11"."""
+    return f"bs{byte_shuffle}+{codec}-{level}" if byte_shuffle else f"{codec}-{level}"
 
 
 def _resolve_codec(codec: str, level: int | None) -> tuple[_Codec, int]:
@@ -156,10 +223,11 @@ class ArtifactInfo:
     scheme: str
     tensors: tuple[TensorInfo, ...]
     gptq: dict | None = None  # the header's "gptq" record (core.gptq), None for an artifact without GPTQ
+    byte_shuffle: int = 0  # the byte-shuffle stride applied before compression (0: none)
 
     @property
     def codec_label(self) -> str:
-        return f"{self.codec}-{self.level}"
+        return codec_label(self.codec, self.level, self.byte_shuffle)
 
 
 def _tensor_info(name: str, t: QuantizedTensor) -> TensorInfo:
@@ -214,17 +282,21 @@ def encode_payload(spec_json: dict, qw: QuantizedWeights) -> tuple[bytes, int]:
 
 
 def encode_artifact(spec_json: dict, qw: QuantizedWeights, codec: str = "zlib",
-                    level: int | None = None) -> tuple[bytes, ArtifactInfo]:
-    """Serialize already-quantized weights: (artifact bytes, its info)."""
+                    level: int | None = None, byte_shuffle: int = 0) -> tuple[bytes, ArtifactInfo]:
+    """Serialize already-quantized weights: (artifact bytes, its info). byte_shuffle: a stride (0: none)."""
     c, level = _resolve_codec(codec, level)
+    if isinstance(byte_shuffle, bool) or byte_shuffle not in (0, *BYTE_SHUFFLE_STRIDES):
+        raise UserError(f"byte shuffle stride {byte_shuffle!r}: expected 0 (none) or "
+                        f"{BYTE_SHUFFLE_STRIDES.start}..{BYTE_SHUFFLE_STRIDES.stop - 1}")
     payload, header_len = _encode_payload(spec_json, qw)
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise UserError(f"the artifact payload is {len(payload):,} bytes, over the {MAX_PAYLOAD_BYTES:,} limit")
     digest = hashlib.sha256(payload).digest()
-    label = f"{codec}-{level}".encode("ascii")
-    blob = _PREFIX.pack(MAGIC, FORMAT_VERSION, label, len(payload), digest) + c.compress(payload, level)
+    label = codec_label(codec, level, byte_shuffle).encode("ascii")
+    stored = shuffle_bytes(payload, byte_shuffle) if byte_shuffle else payload
+    blob = _PREFIX.pack(MAGIC, FORMAT_VERSION, label, len(payload), digest) + c.compress(stored, level)
     info = ArtifactInfo(len(blob), len(payload), header_len, digest.hex(), codec, level, qw.scheme,
-                        tuple(_tensor_info(n, t) for n, t in sorted(qw.tensors.items())), qw.gptq)
+                        tuple(_tensor_info(n, t) for n, t in sorted(qw.tensors.items())), qw.gptq, byte_shuffle)
     return blob, info
 
 
@@ -234,28 +306,29 @@ def payload_bytes(spec_json: dict, weights: Mapping[str, np.ndarray], scheme: st
 
 
 def build_artifact(spec_json: dict, weights: Mapping[str, np.ndarray], scheme: str = "int8",
-                   codec: str = "zlib", level: int | None = None) -> bytes:
-    return encode_artifact(spec_json, quantize_weights(weights, scheme), codec, level)[0]
+                   codec: str = "zlib", level: int | None = None, byte_shuffle: int = 0) -> bytes:
+    return encode_artifact(spec_json, quantize_weights(weights, scheme), codec, level, byte_shuffle)[0]
 
 
 def write_quantized(path: str | os.PathLike, spec_json: dict, qw: QuantizedWeights, codec: str = "zlib",
-                    level: int | None = None) -> ArtifactInfo:
+                    level: int | None = None, byte_shuffle: int = 0) -> ArtifactInfo:
     """Write already-quantized weights (e.g. core.gptq's) as an artifact file."""
-    blob, info = encode_artifact(spec_json, qw, codec, level)
+    blob, info = encode_artifact(spec_json, qw, codec, level, byte_shuffle)
     atomic_write_bytes(path, blob)
     return info
 
 
 def write_artifact(path: str | os.PathLike, spec_json: dict, weights: Mapping[str, np.ndarray],
-                   scheme: str = "int8", codec: str = "zlib", level: int | None = None) -> ArtifactInfo:
-    blob, info = encode_artifact(spec_json, quantize_weights(weights, scheme), codec, level)
+                   scheme: str = "int8", codec: str = "zlib", level: int | None = None,
+                   byte_shuffle: int = 0) -> ArtifactInfo:
+    blob, info = encode_artifact(spec_json, quantize_weights(weights, scheme), codec, level, byte_shuffle)
     atomic_write_bytes(path, blob)
     return info
 
 
 # ---- reading -----------------------------------------------------------------------------------------
 
-def _decompress_prefixed(data: bytes) -> tuple[bytes, str, int, str]:
+def _decompress_prefixed(data: bytes) -> tuple[bytes, str, int, str, int]:
     if data[: len(MAGIC)] != MAGIC[: len(data)]:
         raise _Malformed("not a loopgolf artifact (bad magic)")
     if len(data) < PREFIX_BYTES:
@@ -263,10 +336,11 @@ def _decompress_prefixed(data: bytes) -> tuple[bytes, str, int, str]:
     _, version, label, size, digest = _PREFIX.unpack_from(data)
     if version != FORMAT_VERSION:
         raise _Malformed(f"artifact format version {version}; this loopgolf reads version {FORMAT_VERSION}")
-    m = re.fullmatch(rb"([a-z]+)-([0-9]{1,2})\x00*", label)
-    if not m or m[1].decode() not in CODECS:
-        raise _Malformed(f"unknown codec {label.rstrip(bytes(1))!r}; known: {', '.join(CODECS)}")
-    codec, level = m[1].decode(), int(m[2])
+    m = re.fullmatch(rb"(?:bs([2-8])\+)?([a-z]+)-([0-9]{1,2})\x00*", label)
+    if not m or m[2].decode() not in CODECS:
+        raise _Malformed(f"unknown codec {label.rstrip(bytes(1))!r}; known: {', '.join(CODECS)} "
+                         "(each optionally behind a byte shuffle, bs2+ .. bs8+)")
+    shuffle, codec, level = int(m[1] or 0), m[2].decode(), int(m[3])
     if level not in CODECS[codec].levels:
         raise _Malformed(f"codec {codec} level {level} is out of range")
     if size > MAX_PAYLOAD_BYTES:
@@ -277,9 +351,11 @@ def _decompress_prefixed(data: bytes) -> tuple[bytes, str, int, str]:
         raise _Malformed(f"the {codec} payload does not decompress ({e})") from None
     if len(payload) != size:
         raise _Malformed(f"the payload is {len(payload)} bytes, the prefix declares {size}")
+    if shuffle:
+        payload = unshuffle_bytes(payload, shuffle)
     if hashlib.sha256(payload).digest() != digest:
         raise _Malformed("checksum mismatch: the payload's SHA-256 differs from the prefix's")
-    return payload, codec, level, digest.hex()
+    return payload, codec, level, digest.hex(), shuffle
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
@@ -394,12 +470,12 @@ def _parse_payload(payload: bytes) -> tuple[dict, QuantizedWeights, int]:
 def parse_artifact(data: bytes, source: str = "<bytes>") -> tuple[dict, QuantizedWeights, ArtifactInfo]:
     """Check and decode artifact bytes: (spec JSON, quantized weights, info). UserError on any defect."""
     try:
-        payload, codec, level, digest = _decompress_prefixed(data)
+        payload, codec, level, digest, shuffle = _decompress_prefixed(data)
         spec, qw, header_len = _parse_payload(payload)
     except _Malformed as e:
         raise UserError(f"artifact {source}: {e}") from None
     info = ArtifactInfo(len(data), len(payload), header_len, digest, codec, level, qw.scheme,
-                        tuple(_tensor_info(n, t) for n, t in qw.tensors.items()), qw.gptq)
+                        tuple(_tensor_info(n, t) for n, t in qw.tensors.items()), qw.gptq, shuffle)
     return spec, qw, info
 
 

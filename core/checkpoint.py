@@ -5,8 +5,9 @@ RUN_DIR/checkpoints/step_NNNNNN/ holds
   optimizer.safetensors  flat float32 optimizer state: muon.<param>, adam_m.<param>, adam_v.<param>, adam.step
   average.safetensors    only with [average]: the weight-averaging state (core.averaging), tensors named
                          average.<param>; its kind and count are checkpoint.json's "average"
-  checkpoint.json        step, training time, schedule state, data position, resolved config, spec, version,
-                         and each tensor file's size and SHA-256
+  checkpoint.json        step, training time, schedule state, data position (the sequential stream's file
+                         and offset; a shuffled stream's sequences drawn per rank), resolved config, spec,
+                         version, and each tensor file's size and SHA-256
 
 A checkpoint is written under a temporary name (.step_NNNNNN.*.tmp) and renamed once every file is on disk,
 so a directory named step_NNNNNN is complete: a run killed while writing leaves only a temporary directory,
@@ -94,6 +95,11 @@ class Checkpoint:
     @property
     def position(self) -> tuple[int, int]:
         return self.meta["data"]["file_index"], self.meta["data"]["pos"]
+
+    @property
+    def drawn(self) -> int:
+        """Sequences each rank's shuffled stream had drawn ([data] order = "shuffled"; 0 otherwise)."""
+        return self.meta["data"].get("drawn", 0)
 
 
 def optimizer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -283,6 +289,7 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     data = meta.get("data")
     _need(isinstance(data, dict) and _is_int(data.get("file_index")) and _is_int(data.get("pos")), path,
           "'data' should hold integers file_index and pos")
+    _need(data.get("drawn") is None or _is_int(data["drawn"]), path, "'data.drawn' should be null or an integer >= 0")
     shards = data.get("train_shards")
     _need(isinstance(shards, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str)
                                            and _is_int(s[1]) for s in shards), path,
@@ -459,16 +466,19 @@ def refuse_fresh_run(out_dir: str | os.PathLike) -> None:
 
 
 def checkpoint_meta(train_time_ms: float, stop_after: int | None, position: tuple[int, int], shards: list,
-                    cfg: RunConfig, backend: str, world_size: int, schedule: dict) -> dict:
-    """The JSON fields besides format, version, files and spec (see write_checkpoint)."""
+                    cfg: RunConfig, backend: str, world_size: int, schedule: dict, drawn: int | None = None) -> dict:
+    """The JSON fields besides format, version, files and spec (see write_checkpoint). `position`: the
+    sequential stream's (file index, offset); `drawn`: a shuffled stream's sequences drawn (position (0, 0))."""
     return {
         "train_time_ms": train_time_ms,
         "schedule": {"stop_after": stop_after, **schedule},
         # Nothing random is drawn after initialization (init_weights(seed); no dropout; the data order is
-        # fixed), so there is no RNG state to save. The exception, artifact.qat_noise, draws its noise from
-        # the backend's generator, which is not saved: such a run resumes, but not bit for bit.
+        # fixed, or a shuffled stream's, which `drawn` replays), so there is no RNG state to save. The exception,
+        # artifact.qat_noise, draws its noise from the backend's generator, which is not saved: such a run
+        # resumes, but not bit for bit.
         "rng": None,
-        "data": {"file_index": position[0], "pos": position[1], "train_shards": shards},
+        "data": {"file_index": position[0], "pos": position[1], "train_shards": shards,
+                 **({"drawn": drawn} if drawn is not None else {})},
         "config": config_record(cfg),
         "backend": backend, "world_size": world_size,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -11,11 +11,11 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from core.artifact import CODECS
+from core.artifact import BYTE_SHUFFLE_STRIDES, CODECS
 from core.depth import SCHEDULE_BY, depth_schedule, parse_stages
 from core.errors import UserError
 from core.gptq import gptq_scheme_qmax
-from core.quant import compose_scheme
+from core.quant import STD_SCHEME, compose_scheme
 from core.spec import ModelSpec
 from core.tables import dataclass_from_table, read_toml, tomllib
 
@@ -46,6 +46,16 @@ class TrainConfig:
     # e.g. "0.3:2,0.5:3,0.75:4,1.0:5" (#895); "" trains at full depth throughout.
     depth_schedule: str = ""
     depth_schedule_by: str = "wallclock"  # fraction of max_wallclock_seconds ("wallclock") or of iterations ("step")
+    # Seconds of max_wallclock_seconds kept for GPTQ's Hessians (#1394/#1493: 12 of 600): training stops, and
+    # wallclock schedules (warmdown, depth) run, on max_wallclock_seconds - gptq_reserve_seconds. No cap: no effect.
+    gptq_reserve_seconds: float = 0.0
+
+    @property
+    def train_wallclock_seconds(self) -> float:
+        """The training clock's cap: max_wallclock_seconds less the GPTQ reserve (0: no cap)."""
+        if self.max_wallclock_seconds <= 0:
+            return 0.0
+        return self.max_wallclock_seconds - self.gptq_reserve_seconds
 
     def __post_init__(self):
         for key in ("iterations", "batch_tokens", "seq_len", "grad_accum_steps", "val_batch_tokens"):
@@ -57,6 +67,10 @@ class TrainConfig:
                 raise UserError(f"train.{key} = {getattr(self, key)}: expected 0 or more")
         if self.max_wallclock_seconds < 0:
             raise UserError(f"train.max_wallclock_seconds = {self.max_wallclock_seconds}: expected 0 or more")
+        if self.gptq_reserve_seconds < 0 or (self.max_wallclock_seconds > 0
+                                             and self.gptq_reserve_seconds >= self.max_wallclock_seconds):
+            raise UserError(f"train.gptq_reserve_seconds = {self.gptq_reserve_seconds}: expected 0 or more and less "
+                            f"than train.max_wallclock_seconds = {self.max_wallclock_seconds:g}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"train.compute_dtype = {self.compute_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
         if self.compile not in ("auto", "on", "off"):
@@ -90,6 +104,9 @@ class OptimConfig:
     head_weight_decay: float = 0.0  # untied lm_head
     weight_decay_exempt: list[str] = ()  # fnmatch patterns of parameter names that never decay (#1110: its gains)
     weight_decay_after_step: bool = False  # #470: p = (p - lr * u) * (1 - lr * wd) instead of p * (1 - lr * wd) - lr * u
+    # MuonEq-R (#1394/#1493, from #1217): each row of the Nesterov update divided by its L2 norm (at least 1e-7)
+    # before Newton-Schulz.
+    muon_row_normalize: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -110,6 +127,14 @@ class DataConfig:
     path: str = "data"  # a data root holding manifest.json, or a dataset directory of shards
     dataset: str = ""  # the manifest's dataset name; "" picks the only one
     tokenizer: str = ""  # "" takes it from the manifest
+    # Training order: "sequential" (upstream's stream: shards in order, every rank slicing one chunk) or
+    # "shuffled" (#1394/#1493's loader, core.shards.ShuffledStream: each rank its own shards, random phase and
+    # window order per shard, shards drawn by the windows they have left; seeded by train.seed).
+    order: str = "sequential"
+
+    def __post_init__(self):
+        if self.order not in ("sequential", "shuffled"):
+            raise UserError(f"data.order = {self.order!r}: expected 'sequential' or 'shuffled'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +148,19 @@ class ArtifactConfig:
             rules = ["*.attn.*=int7", "*.mlp.*=int5", "tok_emb.weight=int8"]
         (or "tok_emb.weight=fp16" to keep it in fp16). Scalars and tensors of 65,536 elements or fewer
         pass through under every scheme (fp16; control tensors fp32).
-    codec, level: "zlib" (default level 9), "zstd" (22, single-threaded) or "lzma" (9); no level means the
-        codec's default. The artifact records the codec with its level and the scheme with its rules.
+    codec, level: "zlib" (default level 9), "zstd" (22, single-threaded), "lzma" (9) or "brotli" (11, as
+        #1394/#1493); no level means the codec's default. The artifact records the codec with its level and
+        the scheme with its rules.
+    byte_shuffle: 0 (off) or a stride 2..8: the payload is split into byte planes (every stride-th byte from
+        offsets 0, 1, ...) before compression, as the records do with stride 2 before brotli; the label
+        records it ("bs2+brotli-11").
     gptq: full Hessian GPTQ (core/gptq.py, #1110) for the tensors an intN per-row scheme quantizes (int4..int7,
-        int8_search), with Hessians collected on `gptq_batches` fresh training batches (never validation
-        data); upstream int8 and fp16 tensors are stored as without it. gptq_damp: damping, a fraction of the
-        Hessian's mean diagonal; gptq_block: columns per lazy batch update. The header records the settings.
+        int8_search, intN_stdK), with Hessians collected on `gptq_batches` fresh training batches (never
+        validation data); upstream int8 and fp16 tensors are stored as without it. gptq_damp: damping, a
+        fraction of the Hessian's mean diagonal; gptq_block: columns per lazy batch update. The header records
+        the settings. gptq_embedding: GPTQ the tied embedding too (#1394: int8, its own std clip, e.g. the
+        rule "tok_emb.weight=int8_std20"), with the Hessian of the head's input. train.gptq_reserve_seconds
+        keeps time for the Hessians inside the wallclock cap.
     qat: quantization-aware training against this scheme (rules included): "off", "start" (from the first step)
         or "late" (from the first step whose LR scale is below qat_lr_threshold, as #1110 at 0.15). The
         trained forward then uses the weights as the artifact will hold them (straight-through gradient;
@@ -149,6 +181,8 @@ class ArtifactConfig:
     qat: str = "off"
     qat_lr_threshold: float = 0.15
     qat_noise: bool = False
+    byte_shuffle: int = 0
+    gptq_embedding: bool = False
 
     def __post_init__(self):
         compose_scheme(self.scheme, self.rules, where="artifact")  # one clear error for a bad scheme or rule
@@ -170,10 +204,20 @@ class ArtifactConfig:
                             "expected positive integers")
         if not 0 <= self.gptq_damp < 1:
             raise UserError(f"artifact.gptq_damp = {self.gptq_damp}: expected a fraction in [0, 1), e.g. 0.01")
+        schemes = self.quant_scheme.split(";")[0], *(r.split("=")[1] for r in self.quant_scheme.split(";")[1:])
         if self.gptq:
-            if all(gptq_scheme_qmax(s) is None for s in (self.scheme, *(r.split("=")[1].strip() for r in self.rules))):
+            if all(gptq_scheme_qmax(s) is None for s in schemes):
                 raise UserError(f"artifact.gptq = true, but no scheme here is one GPTQ applies to (int4..int7, "
-                                f"int8_search): scheme = {self.scheme!r}, rules = {list(self.rules)}")
+                                f"int8_search, intN_stdK): scheme = {self.scheme!r}, rules = {list(self.rules)}")
+        if self.gptq_embedding and not self.gptq:
+            raise UserError("artifact.gptq_embedding = true needs artifact.gptq = true")
+        if self.qat != "off" and any(STD_SCHEME.fullmatch(s) for s in schemes):
+            raise UserError(f"artifact.qat = {self.qat!r} has no fake quantization for the std-clip schemes "
+                            f"(intN_stdK) in {self.quant_scheme!r} yet; use a search scheme (int4..int7, "
+                            "int8_search) for QAT, or artifact.qat = 'off'")
+        if isinstance(self.byte_shuffle, bool) or self.byte_shuffle not in (0, *BYTE_SHUFFLE_STRIDES):
+            raise UserError(f"artifact.byte_shuffle = {self.byte_shuffle!r}: expected 0 (off) or a stride "
+                            f"{BYTE_SHUFFLE_STRIDES.start}..{BYTE_SHUFFLE_STRIDES.stop - 1} (the records use 2)")
 
     @property
     def quant_scheme(self) -> str:
@@ -239,6 +283,9 @@ class RunConfig:
             from core.schedule import weight_decays  # core.schedule imports this module
 
             weight_decays(self.model, self.optim)  # a pattern that matches no parameter is an error at load
+        if self.artifact.gptq_embedding and not self.model.tie_embeddings:
+            raise UserError("artifact.gptq_embedding = true needs model.tie_embeddings = true: GPTQ takes the "
+                            "embedding's Hessian from its use as the head")
         window = self.eval.seq_len or self.train.seq_len
         if self.eval.stride > window:
             raise UserError(f"eval.stride = {self.eval.stride} is longer than the sliding window (eval.seq_len, or "

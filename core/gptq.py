@@ -14,8 +14,8 @@ dequantization, the artifact format and the size tools are unchanged.
   still fails it is raised tenfold, up to 6 times.
 - The upper Cholesky factor U of H^-1 (H^-1 = U^T U) drives the updates; lazy batch updates: errors are
   applied inside a block of `block` columns at once per column, and to the later columns once per block.
-- The per-row step: each candidate clip percentile of the existing clip search (`CLIP_SEARCH_PERCENTILES`)
-  sets an fp16 step per row, GPTQ runs with it, and each row keeps the candidate with the lowest output
+- The per-row step: each candidate of the tensor's scheme sets an fp16 step per row (the clip search's
+  `CLIP_SEARCH_PERCENTILES`; the std-clip schemes intN_stdK have one, K * std(row) / qmax, as #1394), GPTQ runs with it, and each row keeps the candidate with the lowest output
   error (w - q s) H (w - q s)^T on the undamped H. The search is on the GPTQ output error, not on the
   weights' RTN error, because GPTQ moves the weights: the clip that rounds W best is not the one whose
   GPTQ result best preserves the layer's output. Round-to-nearest with each candidate step (the clip
@@ -23,9 +23,11 @@ dequantization, the artifact format and the size tools are unchanged.
 - Deterministic: float64 throughout, stable sorts, first candidate on ties.
 
 Which tensors: 2-D float tensors quantized (more than 65,536 elements) by an intN per-row scheme (int4..int7,
-int8_search) that have a Hessian. Upstream "int8" keeps its exact rule (use int8_search for 8-bit GPTQ),
-"fp16" and passthrough tensors are not quantized at all, and the tied embedding (`LOOKUP_TABLES`) is left
-to its scheme's clip search: its rows are also looked up directly, which GPTQ's output objective ignores.
+int8_search, intN_stdK) that have a Hessian. Upstream "int8" keeps its exact rule (use int8_search or int8_stdK
+for 8-bit GPTQ), "fp16" and passthrough tensors are not quantized at all. The tied embedding (`LOOKUP_TABLES`)
+is left to its scheme unless asked for (`embedding`, artifact.gptq_embedding, as #1394): its rows are also
+looked up directly, which GPTQ's output objective ignores, and its Hessian is that of the head's input (the
+final norm's output), as the records take it.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.quant import (
-    CLIP_SEARCH_PERCENTILES, KEEP_FLOAT_MAX_NUMEL, ROLE_QUANTIZED, SCHEMES, IntNClipSearch, QuantizedTensor,
-    QuantizedWeights, fp16_step, is_control_name, quantize_rows_with_step, quantize_weights, scheme_for_tensor,
+    CLIP_SEARCH_PERCENTILES, KEEP_FLOAT_MAX_NUMEL, ROLE_QUANTIZED, IntNPerRow, QuantizedTensor, QuantizedWeights,
+    base_scheme, fp16_step, is_control_name, quantize_rows_with_step, quantize_weights, scheme_for_tensor,
 )
-from core.shards import TokenStream, next_batch
+from core.shards import open_train_stream, train_micro_batch
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK = 128
@@ -56,8 +58,8 @@ class GPTQResult:
 
 def gptq_scheme_qmax(scheme: str) -> int | None:
     """qmax of a base scheme GPTQ applies to, else None."""
-    s = SCHEMES.get(scheme)
-    return s.qmax if isinstance(s, IntNClipSearch) else None
+    s = base_scheme(scheme)
+    return s.qmax if isinstance(s, IntNPerRow) else None
 
 
 def upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
@@ -106,8 +108,10 @@ def output_error(w: np.ndarray, codes: np.ndarray, step: np.ndarray, h: np.ndarr
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, qmax: int, damp: float = DEFAULT_DAMP, block: int = DEFAULT_BLOCK,
-                  percentiles: Iterable[float] = CLIP_SEARCH_PERCENTILES) -> GPTQResult:
-    """Per-row intN codes and fp16 steps for w (out, in) given H (in, in) (see the module docstring)."""
+                  percentiles: Iterable[float] = CLIP_SEARCH_PERCENTILES,
+                  steps: list[np.ndarray] | None = None) -> GPTQResult:
+    """Per-row intN codes and fp16 steps for w (out, in) given H (in, in) (see the module docstring). `steps`:
+    the candidate fp16 steps per row (a scheme's candidate_steps); None: the clip search's `percentiles`."""
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     w = w32.astype(np.float64)
     h = np.array(h, dtype=np.float64)
@@ -125,9 +129,11 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, qmax: int, damp: float = DEFAULT
     order = np.argsort(-np.diag(h), kind="stable")
     u, used = upper_cholesky_of_inverse(h[np.ix_(order, order)], damp)
 
-    percentiles = tuple(float(p) for p in percentiles)
-    # (rows,) each, computed exactly as the clip search computes them, so its codes are among the candidates
-    steps = [fp16_step(c, qmax) for c in np.quantile(np.abs(w32), percentiles, axis=1)]
+    if steps is None:
+        percentiles = tuple(float(p) for p in percentiles)
+        # (rows,) each, computed exactly as the clip search computes them, so its codes are among the candidates
+        steps = [fp16_step(c, qmax) for c in np.quantile(np.abs(w32), percentiles, axis=1)]
+    steps = list(steps)
     # All candidates in one GPTQ pass: rows are independent, so stacking them only widens each update.
     stacked = gptq_codes(np.tile(w[:, order], (len(steps), 1)), u, np.concatenate(steps), qmax, block)
     inverse = np.argsort(order)
@@ -145,50 +151,52 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, qmax: int, damp: float = DEFAULT
 
 
 def gptq_targets(weights: Mapping[str, np.ndarray], scheme: str, hessians: Mapping[str, np.ndarray],
-                 quantized: QuantizedWeights) -> list[str]:
-    """The tensor names GPTQ replaces (see the module docstring), sorted."""
+                 quantized: QuantizedWeights, embedding: bool = False) -> list[str]:
+    """The tensor names GPTQ replaces (see the module docstring), sorted; `embedding`: the tied embedding too."""
     return [name for name in sorted(hessians)
-            if name in quantized.tensors and name not in LOOKUP_TABLES
+            if name in quantized.tensors and (embedding or name not in LOOKUP_TABLES)
             and quantized.tensors[name].role == ROLE_QUANTIZED and weights[name].ndim == 2
             and gptq_scheme_qmax(scheme_for_tensor(scheme, name)) is not None]
 
 
-def gptq_applies(weights: Mapping[str, np.ndarray], scheme: str) -> bool:
+def gptq_applies(weights: Mapping[str, np.ndarray], scheme: str, embedding: bool = False) -> bool:
     """Whether any tensor can be a GPTQ target (by shape, name and scheme, without quantizing): at a small
     width every matrix may be under the passthrough size, and Hessians would be collected for nothing."""
-    return any(name not in LOOKUP_TABLES and w.ndim == 2 and w.size > KEEP_FLOAT_MAX_NUMEL
+    return any((embedding or name not in LOOKUP_TABLES) and w.ndim == 2 and w.size > KEEP_FLOAT_MAX_NUMEL
                and not is_control_name(name) and gptq_scheme_qmax(scheme_for_tensor(scheme, name)) is not None
                for name, w in weights.items())
 
 
-NO_TARGETS = ("the tied embedding and tensors of at most {:,} elements are never GPTQ'd"
-              .format(KEEP_FLOAT_MAX_NUMEL))
+NO_TARGETS = ("tensors of at most {:,} elements are never GPTQ'd, the tied embedding only with "
+              "artifact.gptq_embedding".format(KEEP_FLOAT_MAX_NUMEL))
 
 
 def quantize_weights_gptq(weights: Mapping[str, np.ndarray], scheme: str, hessians: Mapping[str, np.ndarray],
                           damp: float = DEFAULT_DAMP, block: int = DEFAULT_BLOCK,
-                          record: Mapping | None = None) -> QuantizedWeights:
-    """quantize_weights(weights, scheme), then GPTQ for every eligible tensor that has a Hessian. The result
-    carries what the artifact header records: {"damp", "block", "tensors", **record} (record: e.g. the
-    calibration batches and tokens)."""
+                          record: Mapping | None = None, embedding: bool = False) -> QuantizedWeights:
+    """quantize_weights(weights, scheme), then GPTQ for every eligible tensor that has a Hessian (`embedding`:
+    the tied embedding too). The result carries what the artifact header records: {"damp", "block", "tensors",
+    **record} (record: e.g. the calibration batches and tokens)."""
     quantized = quantize_weights(weights, scheme)
     tensors = dict(quantized.tensors)
-    targets = gptq_targets(weights, scheme, hessians, quantized)
+    targets = gptq_targets(weights, scheme, hessians, quantized, embedding)
     for name in targets:
-        qmax = gptq_scheme_qmax(scheme_for_tensor(scheme, name))
-        result = gptq_quantize(weights[name], hessians[name], qmax, damp, block)
+        base = base_scheme(scheme_for_tensor(scheme, name))
+        w32 = np.ascontiguousarray(weights[name], dtype=np.float32)
+        result = gptq_quantize(w32, hessians[name], base.qmax, damp, block, steps=base.candidate_steps(w32))
         tensors[name] = QuantizedTensor(ROLE_QUANTIZED, result.codes, result.step)
     info = {"damp": damp, "block": block, "tensors": targets, **(record or {})}
     return QuantizedWeights(quantized.scheme, tensors, gptq=info)
 
 
-def collect_training_hessians(backend, train_files, train, batches: int) -> tuple[dict[str, np.ndarray], dict]:
+def collect_training_hessians(backend, train_files, cfg, batches: int) -> tuple[dict[str, np.ndarray], dict]:
     """(Hessians summed over ranks, the header's calibration record) from `batches` batches of
-    train.batch_tokens read by a fresh stream from the start of the training shards, each rank taking its
-    slice as in training. Training data only: sensitivity measured on validation data breaks the rules (#167)."""
-    stream = TokenStream(train_files)
-    micro = (next_batch(stream, train.batch_tokens, train.seq_len, train.grad_accum_steps, backend.rank,
-                        backend.world_size) for _ in range(batches * train.grad_accum_steps))
+    train.batch_tokens read by a fresh training stream ([data] order, from its start), each rank taking its
+    batches as in training. Training data only: sensitivity measured on validation data breaks the rules (#167)."""
+    train = cfg.train
+    stream = open_train_stream(cfg, train_files, backend.rank, backend.world_size)
+    micro = (train_micro_batch(cfg, stream, backend.rank, backend.world_size)
+             for _ in range(batches * train.grad_accum_steps))
     hessians = backend.hessians(micro)
     return hessians, {"calibration": {"batches": batches, "tokens": batches * train.batch_tokens,
                                       "seq_len": train.seq_len}}

@@ -32,7 +32,7 @@ from core.errors import UserError
 from core.params import count_params
 from core.runlog import RunLog, TrainReport
 from core.schedule import lr_multiplier, muon_momentum
-from core.shards import TokenStream, next_batch
+from core.shards import TokenStream, open_train_stream, train_micro_batch
 from core.sliding import final_sliding_eval
 from core.weights import save_weights
 
@@ -107,12 +107,13 @@ class Trainer:
         if per_rank < t.seq_len or per_rank % t.seq_len:
             raise_batch_error(t.batch_tokens, backend.world_size, t.grad_accum_steps, t.seq_len)
 
-    def _batches(self, stream: TokenStream) -> list[tuple[np.ndarray, np.ndarray]]:
-        t, b = self.cfg.train, self.backend
-        return [
-            next_batch(stream, t.batch_tokens, t.seq_len, t.grad_accum_steps, b.rank, b.world_size)
-            for _ in range(t.grad_accum_steps)
-        ]
+    def _batches(self, stream) -> list[tuple[np.ndarray, np.ndarray]]:
+        b = self.backend
+        return [train_micro_batch(self.cfg, stream, b.rank, b.world_size) for _ in range(self.cfg.train.grad_accum_steps)]
+
+    def _open_stream(self):
+        """A fresh training stream from the start ([data] order: core.shards.open_train_stream)."""
+        return open_train_stream(self.cfg, self.train_files, self.backend.rank, self.backend.world_size)
 
     def _validate(self) -> tuple[float, float]:
         t = self.cfg.train
@@ -125,7 +126,7 @@ class Trainer:
         if steps <= 0:
             return
         snap = self.backend.snapshot()
-        stream = TokenStream(self.train_files)
+        stream = self._open_stream()
         for i in range(steps):
             self.backend.train_step(self._batches(stream), 1.0, muon_momentum(0, self.cfg.optim))
             if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
@@ -182,7 +183,7 @@ class Trainer:
             return
         if self.depth_schedule.by == "wallclock" and self.backend.world_size > 1:
             elapsed_ms = self.backend.all_reduce_max(elapsed_ms)
-        fraction = self.depth_schedule.fraction(step, t.iterations, elapsed_ms, t.max_wallclock_seconds * 1000.0)
+        fraction = self.depth_schedule.fraction(step, t.iterations, elapsed_ms, t.train_wallclock_seconds * 1000.0)
         self._set_layers(self.depth_schedule.layers_at(fraction), step)
 
     # ---- signals and checkpoints -----------------------------------------------------------------------
@@ -240,10 +241,13 @@ class Trainer:
             schedule = {"lr_multiplier": lr_multiplier(step, train_ms, cfg.train),
                         "muon_momentum": muon_momentum(step, cfg.optim),
                         "wallclock_based": cfg.train.warmdown_start_step <= 0 and cfg.train.max_wallclock_seconds > 0}
-            shards = [[f.name, n] for f, n in zip(stream.files, stream.sizes)]
             schedule["layers"] = self.layers  # the active depth (progressive depth)
-            meta = ckpt_io.checkpoint_meta(train_ms, stop_after, stream.tell(), shards, cfg, b.name, b.world_size,
-                                           schedule)
+            if cfg.data.order == "shuffled":  # each rank reads its own shards; all ranks have drawn as many
+                shards, position, drawn = ckpt_io.shard_record(self.train_files), (0, 0), stream.drawn
+            else:
+                shards, position, drawn = [[f.name, n] for f, n in zip(stream.files, stream.sizes)], stream.tell(), None
+            meta = ckpt_io.checkpoint_meta(train_ms, stop_after, position, shards, cfg, b.name, b.world_size,
+                                           schedule, drawn)
             path = ckpt_io.write_checkpoint(self.checkpoint_root, step, cfg.model, weights, optimizer, meta,
                                             keep=cfg.train.keep_checkpoints,
                                             average=self.averager.state() if self.averager else None)
@@ -281,8 +285,9 @@ class Trainer:
     def _run(self, resume: ckpt_io.Checkpoint | None) -> dict:
         cfg, t, b = self.cfg, self.cfg.train, self.backend
         report = TrainReport(self.log, t.iterations, with_layers=self.depth_schedule is not None)
-        stream = TokenStream(self.train_files)
-        cap_ms = t.max_wallclock_seconds * 1000.0 if t.max_wallclock_seconds > 0 else None
+        stream = self._open_stream()
+        # train.gptq_reserve_seconds comes off the cap: the Hessians are collected in the time it leaves
+        cap_ms = t.train_wallclock_seconds * 1000.0 if t.max_wallclock_seconds > 0 else None
         step, train_ms, stop_after = self._start(resume, stream, report)
         self.averager = WeightAverager(cfg.average, b, resume.average if resume else None)
         val_loss = val_bpb = float("nan")
@@ -340,7 +345,10 @@ class Trainer:
         # The priming steps only warm compilation here (their effect is undone), so one is enough.
         self.prime(min(t.warmup_steps, 1))
         self.backend.set_state(resume.weights, resume.optimizer)
-        stream.seek(*resume.position)
+        if self.cfg.data.order == "shuffled":
+            stream.skip(resume.drawn)
+        else:
+            stream.seek(*resume.position)
         self.last_checkpoint = resume.path
         report.resume(resume.step, resume.train_time_ms, resume.path)
         if self.depth_schedule is not None:  # continue at the checkpoint's depth; the schedule moves it on
@@ -373,11 +381,21 @@ class Trainer:
                   "val_bpb_before_averaging": result["val_bpb"]}
         return {**result, "val_loss": val_loss, "val_bpb": val_bpb}, fields
 
+    def _report_reserve(self, train_ms: float, hessian_ms: float) -> None:
+        """train.gptq_reserve_seconds: whether training plus the Hessians stayed within max_wallclock_seconds."""
+        t = self.cfg.train
+        if t.gptq_reserve_seconds <= 0 or t.max_wallclock_seconds <= 0:
+            return
+        total, cap = train_ms + hessian_ms, t.max_wallclock_seconds * 1000.0
+        verdict = "within the cap" if total <= cap else f"OVER the cap by {total - cap:.0f}ms: raise the reserve"
+        self.log.line(f"gptq_reserve: {1000 * t.gptq_reserve_seconds:.0f}ms train_time:{train_ms:.0f}ms + "
+                      f"hessians:{hessian_ms:.0f}ms = {total:.0f}ms of max_wallclock {cap:.0f}ms, {verdict}")
+
     def _gptq_applies(self, weights: dict[str, np.ndarray]) -> bool:
         """artifact.gptq: whether any tensor is one GPTQ solves; at a small width (--small) none may be, and
         the export then rounds as without it rather than collecting Hessians for nothing."""
         scheme = self.cfg.artifact.quant_scheme
-        if gptq.gptq_applies(weights, scheme):
+        if gptq.gptq_applies(weights, scheme, self.cfg.artifact.gptq_embedding):
             return True
         self.log.line(f"gptq: off: no tensor here is one GPTQ solves under {scheme!r} ({gptq.NO_TARGETS}); "
                       "exported by plain rounding")
@@ -396,23 +414,26 @@ class Trainer:
         art_path = out_dir / f"model.{cfg.artifact.scheme}-{cfg.artifact.codec}.art"
         art = cfg.artifact
         use_gptq = art.gptq and self._gptq_applies(weights)
+        hessian_ms = 0.0
         if use_gptq:  # every rank: the Hessians are summed across ranks
             t0 = time.perf_counter()
-            hessians, record = gptq.collect_training_hessians(b, self.train_files, cfg.train, art.gptq_batches)
-            log.line(f"gptq: hessians:{len(hessians)} batches:{art.gptq_batches} "
-                     f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            hessians, record = gptq.collect_training_hessians(b, self.train_files, cfg, art.gptq_batches)
+            hessian_ms = 1000 * (time.perf_counter() - t0)
+            log.line(f"gptq: hessians:{len(hessians)} batches:{art.gptq_batches} time:{hessian_ms:.0f}ms")
+            self._report_reserve(result["train_time_ms"], hessian_ms)
         if b.rank == 0:
             save_weights(out_dir / "model.safetensors", cfg.model, weights)
             if use_gptq:
                 t0 = time.perf_counter()
                 qw = gptq.quantize_weights_gptq(weights, art.quant_scheme, hessians, art.gptq_damp, art.gptq_block,
-                                                record)
-                artifact_io.write_quantized(art_path, cfg.model.to_dict(), qw, codec=art.codec, level=art.level)
+                                                record, embedding=art.gptq_embedding)
+                artifact_io.write_quantized(art_path, cfg.model.to_dict(), qw, codec=art.codec, level=art.level,
+                                            byte_shuffle=art.byte_shuffle)
                 log.line(f"gptq: tensors:{len(qw.gptq['tensors'])} damp:{art.gptq_damp} block:{art.gptq_block} "
                          f"solve_time:{1000 * (time.perf_counter() - t0):.0f}ms")
             else:
                 artifact_io.write_artifact(art_path, cfg.model.to_dict(), weights, scheme=art.quant_scheme,
-                                           codec=art.codec, level=art.level)
+                                           codec=art.codec, level=art.level, byte_shuffle=art.byte_shuffle)
         b.all_reduce_max(0.0)  # barrier: the artifact exists before any rank reads it
         _, roundtrip_weights, info = artifact_io.read_artifact(art_path)
         if self.qat_on:  # the round trip's weights are quantized already: evaluate them as they are
@@ -439,6 +460,7 @@ class Trainer:
                      world_size=b.world_size, artifact=art_path.name, qat=cfg.artifact.qat, **averaging, **sliding)
         if art.gptq:
             final["gptq_tensors"] = len((info.gptq or {}).get("tensors", []))
+            final["gptq_hessian_ms"] = hessian_ms
         log.event("final", **final)
         return final
 

@@ -18,6 +18,11 @@ Other schemes (same passthrough rule for small, control and non-float tensors):
   row's clip is chosen by reconstruction error (#895's "GPTQ-lite"): for every percentile in
   `CLIP_SEARCH_PERCENTILES` (1.0, no clipping, among them) the row is quantized with the fp16 scale
   that will be stored, and the candidate with the lowest squared error wins (the first on a tie).
+- "int4_stdK" .. "int8_stdK" (e.g. "int6_std12.85", "int8_std20"): per-row intN with the records' std clip
+  (#1394's SDClip, also #1493): one fp16 step per row, K * std(row) / (2^(N-1)-1), no search; std is the
+  row's sample standard deviation (ddof 1, torch's default, as the records take it), in float64. K is in
+  row standard deviations (0.1 to 1000); raising it widens the step and shrinks the artifact. Stored and
+  read as the intN schemes are.
 - "fp16": every float tensor is stored as fp16 whatever its size (control tensors fp32): the
   embedding passthrough option. Upstream's "int8" is the int8 embedding option.
 
@@ -288,20 +293,31 @@ def _rows_view(shape: tuple[int, ...]) -> tuple[int, int]:
     return 1, n
 
 
-class IntNClipSearch:
-    """Per-row intN with a clip-percentile search (see the module docstring)."""
+class IntNPerRow:
+    """What every per-row intN scheme shares: int8 codes in +/-qmax, one fp16 step per row (2-D tensors; any
+    other shape as one row), the same dequantization and file checks. Subclasses choose the steps."""
 
-    def __init__(self, bits: int, name: str | None = None):
+    def __init__(self, bits: int, name: str):
         self.bits = bits
         self.qmax = int_qmax(bits)
-        self.name = name or f"int{bits}"
+        self.name = name
+
+    def row_steps(self, w2: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def candidate_steps(self, w2: np.ndarray) -> list[np.ndarray]:
+        """The per-row fp16 steps GPTQ tries (core.gptq), each row keeping its best."""
+        raise NotImplementedError
+
+    def quantize_rows(self, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        step = self.row_steps(w2)
+        return quantize_rows_with_step(w2, step, self.qmax), step
 
     def quantize_tensor(self, name: str, w: np.ndarray) -> QuantizedTensor:
         if not is_float_dtype(w.dtype) or w.size <= KEEP_FLOAT_MAX_NUMEL:
             return passthrough_tensor(name, w)
         w32 = np.ascontiguousarray(w, dtype=np.float32)
-        w2 = w32.reshape(_rows_view(w32.shape))
-        q, step = quantize_rows_clip_search(w2, self.qmax)
+        q, step = self.quantize_rows(w32.reshape(_rows_view(w32.shape)))
         return QuantizedTensor(ROLE_QUANTIZED, q.reshape(w32.shape), step)
 
     def dequantize_tensor(self, name: str, t: QuantizedTensor) -> np.ndarray:
@@ -322,6 +338,51 @@ class IntNClipSearch:
         if not np.all(np.isfinite(t.scale)) or np.any(t.scale <= 0):
             return "scales must be finite and positive"
         return None
+
+
+class IntNClipSearch(IntNPerRow):
+    """Per-row intN with a clip-percentile search (see the module docstring)."""
+
+    def __init__(self, bits: int, name: str | None = None):
+        super().__init__(bits, name or f"int{bits}")
+
+    def quantize_rows(self, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return quantize_rows_clip_search(w2, self.qmax)
+
+    def candidate_steps(self, w2: np.ndarray) -> list[np.ndarray]:
+        # computed exactly as the clip search computes them, so its codes are among GPTQ's candidates
+        return [fp16_step(c, self.qmax) for c in np.quantile(np.abs(w2), CLIP_SEARCH_PERCENTILES, axis=1)]
+
+
+STD_SCHEME = re.compile(r"int([4-8])_std([0-9]+(?:\.[0-9]+)?)")
+STD_K_MIN, STD_K_MAX = 0.1, 1000.0
+STD_SCHEME_HINT = "or intN_stdK: N 4..8 bits, K the clip in row standard deviations, e.g. int6_std12.85"
+
+
+def std_k_text(k: float) -> str:
+    """K as a std scheme's name spells it: the shortest decimal that reads back as k, no exponent, no '.0'."""
+    text = repr(float(k))
+    return text[:-2] if text.endswith(".0") else text
+
+
+class IntNStdClip(IntNPerRow):
+    """Per-row intN with the records' std clip, step = k * std(row) / qmax (see the module docstring)."""
+
+    def __init__(self, bits: int, k: float):
+        super().__init__(bits, f"int{bits}_std{std_k_text(k)}")
+        self.k = float(k)
+
+    def row_steps(self, w2: np.ndarray) -> np.ndarray:
+        std = np.std(w2.astype(np.float64), axis=1, ddof=1) if w2.shape[1] > 1 else np.zeros(w2.shape[0])
+        return fp16_step(self.k * std, self.qmax)
+
+    def candidate_steps(self, w2: np.ndarray) -> list[np.ndarray]:
+        return [self.row_steps(w2)]  # one fixed step per row: the records search nothing
+
+
+@functools.lru_cache(maxsize=64)
+def _std_scheme(bits: int, k: float) -> IntNStdClip:
+    return IntNStdClip(bits, k)
 
 
 class Fp16Passthrough:
@@ -350,6 +411,38 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Fp16Passthrough(),
 )}
 
+
+
+def base_scheme(name: str) -> Scheme | None:
+    """The scheme a base name (no rules) stands for: one of SCHEMES, or an intN_stdK scheme in canonical
+    spelling; None for anything else."""
+    if not isinstance(name, str):
+        return None
+    if name in SCHEMES:
+        return SCHEMES[name]
+    m = STD_SCHEME.fullmatch(name)
+    if m and STD_K_MIN <= float(m[2]) <= STD_K_MAX:
+        s = _std_scheme(int(m[1]), float(m[2]))
+        return s if s.name == name else None
+    return None
+
+
+def canonical_base(name: str, where: str) -> str:
+    """A base scheme name as an artifact records it (intN_stdK with K spelled by std_k_text); a UserError
+    naming `where` for anything that is not a scheme."""
+    m = STD_SCHEME.fullmatch(name) if isinstance(name, str) else None
+    if m:
+        k = float(m[2])
+        if not STD_K_MIN <= k <= STD_K_MAX:
+            raise UserError(f"{where}: {name!r}: the std clip K must lie in {STD_K_MIN:g}..{STD_K_MAX:g} row "
+                            "standard deviations (the records use 12.85 for matrices, 20 for the embedding)")
+        return f"int{m[1]}_std{std_k_text(k)}"
+    if base_scheme(name) is None:
+        raise UserError(f"{where}: unknown quantization scheme {name!r}; known: {', '.join(sorted(SCHEMES))}, "
+                        f"{STD_SCHEME_HINT}")
+    return name
+
+
 # ---- per-tensor rules: "DEFAULT;PATTERN=SCHEME;..." ----------------------------------------------------
 
 _PATTERN_OK = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
@@ -362,17 +455,14 @@ def parse_rule(text: str, where: str = "rule") -> tuple[str, str]:
     pattern, scheme = (p.strip() for p in text.split("="))
     if not _PATTERN_OK.fullmatch(pattern):
         raise UserError(f"{where} = {text!r}: the pattern may hold only letters, digits and _ . * ? [ ] ! -")
-    if scheme not in SCHEMES:
-        raise UserError(f"{where} = {text!r}: unknown quantization scheme {scheme!r}; known: {', '.join(sorted(SCHEMES))}")
-    return pattern, scheme
+    return pattern, canonical_base(scheme, f"{where} = {text!r}")
 
 
 def compose_scheme(default: str, rules: Iterable[str] = (), where: str = "") -> str:
     """The one scheme name (as recorded in an artifact) for a default scheme and ordered rules.
     `where` ("artifact") prefixes the key names in error messages."""
     prefix = f"{where}." if where else ""
-    if default not in SCHEMES:
-        raise UserError(f"{prefix}scheme = {default!r}: unknown quantization scheme; known: {', '.join(sorted(SCHEMES))}")
+    default = canonical_base(default, f"{prefix}scheme")
     parsed = [parse_rule(r, f"{prefix}rules[{i}]") for i, r in enumerate(rules)]
     return ";".join([default] + [f"{p}={s}" for p, s in parsed])
 
@@ -385,7 +475,7 @@ class RuleScheme:
         self.name = compose_scheme(default, rules)
         if self.name != name:
             raise UserError(f"scheme {name!r} is not in canonical form (expected {self.name!r})")
-        self.default = default
+        self.default = self.name.split(";")[0]
         self.rules = tuple(parse_rule(r) for r in rules)
 
     def scheme_name_for(self, tensor: str) -> str:
@@ -395,14 +485,14 @@ class RuleScheme:
         return self.default
 
     def quantize_tensor(self, name: str, w: np.ndarray) -> QuantizedTensor:
-        return SCHEMES[self.scheme_name_for(name)].quantize_tensor(name, w)
+        return base_scheme(self.scheme_name_for(name)).quantize_tensor(name, w)
 
     def dequantize_tensor(self, name: str, t: QuantizedTensor) -> np.ndarray:
-        return SCHEMES[self.scheme_name_for(name)].dequantize_tensor(name, t)
+        return base_scheme(self.scheme_name_for(name)).dequantize_tensor(name, t)
 
     def check_tensor(self, name: str, t: QuantizedTensor) -> str | None:
         sub = self.scheme_name_for(name)
-        reason = SCHEMES[sub].check_tensor(name, t)
+        reason = base_scheme(sub).check_tensor(name, t)
         return None if reason is None else f"{reason} (scheme {sub} by the rules)"
 
 
@@ -412,11 +502,13 @@ def _rule_scheme(name: str) -> RuleScheme:
 
 
 def get_scheme(name: str) -> Scheme:
-    if isinstance(name, str) and name in SCHEMES:
-        return SCHEMES[name]
+    base = base_scheme(name)
+    if base is not None:
+        return base
     if isinstance(name, str) and ";" in name:
         return _rule_scheme(name)
-    raise UserError(f"unknown quantization scheme {name!r}; known: {', '.join(sorted(SCHEMES))}")
+    raise UserError(f"unknown quantization scheme {name!r}; known: {', '.join(sorted(SCHEMES))}, {STD_SCHEME_HINT} "
+                    "(in canonical spelling)")
 
 
 def scheme_for_tensor(scheme: str, tensor: str) -> str:

@@ -35,6 +35,7 @@ ENV_KNOBS = {
     "MUON_MOMENTUM": "optim.muon_momentum",
     "MUON_BACKEND_STEPS": "optim.muon_backend_steps",
     "GRAD_CLIP_NORM": "optim.grad_clip_norm",
+    "GPTQ_RESERVE_SECONDS": "train.gptq_reserve_seconds",  # #1394/#1493's knob (12 there)
 }
 
 
@@ -62,6 +63,7 @@ def log_header(log, cfg: RunConfig, backend, data: DataPaths, val_tokens: np.nda
     log.line(
         f"train_batch_tokens:{t.batch_tokens} train_seq_len:{t.seq_len} grad_accum_steps:{t.grad_accum_steps} "
         f"iterations:{t.iterations} warmup_steps:{t.warmup_steps} max_wallclock_seconds:{t.max_wallclock_seconds:g}"
+        + (f" gptq_reserve_seconds:{t.gptq_reserve_seconds:g}" if t.gptq_reserve_seconds else "")
     )
     log.line(
         f"data:{data.dataset_dir} train_shards:{len(data.train_files)} val_tokens:{len(val_tokens) - 1} "

@@ -37,7 +37,8 @@ def lr_multiplier(step: int, elapsed_ms: float, train: TrainConfig) -> float:
     """Upstream's linear warmdown to 0, with PR #470's step-based start as an option.
 
     - warmdown_start_step > 0: 1 before that step, then max(1 - (step - start)/warmdown_iters, 0).
-    - a wallclock cap: warm down over the last warmdown_iters * (average ms/step) of the budget.
+    - a wallclock cap: warm down over the last warmdown_iters * (average ms/step) of the budget
+      (max_wallclock_seconds less train.gptq_reserve_seconds).
     - no cap: warm down over the last warmdown_iters steps of train.iterations.
     """
     if train.warmdown_iters <= 0:
@@ -53,7 +54,7 @@ def lr_multiplier(step: int, elapsed_ms: float, train: TrainConfig) -> float:
         return 1.0
     step_ms = elapsed_ms / max(step, 1)
     warmdown_ms = train.warmdown_iters * step_ms
-    remaining_ms = max(train.max_wallclock_seconds * 1000.0 - elapsed_ms, 0.0)
+    remaining_ms = max(train.train_wallclock_seconds * 1000.0 - elapsed_ms, 0.0)  # the cap less the GPTQ reserve
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 

@@ -159,6 +159,106 @@ class TokenStream:
         self._tokens = read_shard(self.files[file_index])
 
 
+class ShuffledStream:
+    """The records' training order (#1394/#1493's shuffled-sequence loader), for [data] order = "shuffled".
+
+    Each rank reads its own shards, files[rank::world_size]. Per shard it draws a random phase in
+    [0, min(seq_len - 1, n - seq_len - 1)] and a random permutation of the (n - 1 - phase) // seq_len windows of
+    seq_len + 1 tokens that start at phase + i * seq_len. Each sequence of a batch comes from a shard drawn with
+    probability proportional to the windows it has left, and takes that shard's next window; once every shard
+    is used up, all of them are reshuffled. Unlike the records (seeded by the rank alone), the generator is
+    PCG64 seeded with (train.seed, rank), so the order follows train.seed.
+
+    Deterministic: the state is (seed, rank, sequences drawn), so `skip(n)` replays n draws without reading a
+    token, which resumes a run exactly (the checkpoint records `drawn`).
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike], seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if not files:
+            raise UserError(f"no shard files given to read; make the demo data with: {DEMO_HINT}")
+        all_files = [Path(f) for f in files]
+        sizes = [read_shard_header(f) for f in all_files]  # every header now, as TokenStream does
+        self.files, self.sizes = all_files[rank::world_size], sizes[rank::world_size]
+        if not self.files:
+            raise UserError(f"data.order = 'shuffled' gives each rank its own shards, but there are "
+                            f"{len(all_files)} train shard(s) for {world_size} ranks; use at most {len(all_files)} ranks")
+        self.seq_len = seq_len
+        if all((n - 1) // seq_len == 0 for n in self.sizes):
+            raise UserError(f"data.order = 'shuffled': no train shard of rank {rank} ({self.files[0].name}, ...) holds "
+                            f"{seq_len + 1} tokens, one sequence of train.seq_len = {seq_len} and its target")
+        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.drawn = 0  # sequences taken so far
+        self._tokens = [None] * len(self.files)  # memmaps, opened on first use
+        self._refill()
+
+    def _refill(self) -> None:
+        """A new phase and window order for every shard (start-up, and once every shard is used up)."""
+        self.starts, self.left = [], np.zeros(len(self.files), dtype=np.int64)
+        for i, n in enumerate(self.sizes):
+            max_phase = min(self.seq_len - 1, max(0, n - self.seq_len - 1))
+            phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+            count = max((n - 1 - phase) // self.seq_len, 0)
+            self.starts.append(phase + self.rng.permutation(count) * self.seq_len)
+            self.left[i] = count
+
+    def _draw(self) -> tuple[int, int]:
+        """(shard, window start) of the next sequence: the shard by the windows it has left, then its next one."""
+        total = int(self.left.sum())
+        if total <= 0:
+            self._refill()
+            total = int(self.left.sum())
+        shard = int(self.rng.choice(len(self.files), p=self.left / total))
+        self.left[shard] -= 1
+        self.drawn += 1
+        return shard, int(self.starts[shard][self.left[shard]])
+
+    def next_batch(self, seqs: int) -> tuple[np.ndarray, np.ndarray]:
+        """`seqs` sequences as int32 (x, y) of shape (seqs, seq_len), y shifted by one."""
+        window = np.empty((seqs, self.seq_len + 1), dtype=np.int32)
+        for row in range(seqs):
+            shard, start = self._draw()
+            if self._tokens[shard] is None:
+                self._tokens[shard] = read_shard(self.files[shard])
+            window[row] = self._tokens[shard][start : start + self.seq_len + 1]
+        return window[:, :-1], window[:, 1:]
+
+    def skip(self, drawn: int) -> None:
+        """Continue after `drawn` sequences (a checkpoint's): replays the draws from the start, reading nothing."""
+        if drawn < self.drawn:
+            raise ValueError(f"cannot rewind a shuffled stream from {self.drawn} to {drawn} sequences")
+        while self.drawn < drawn:
+            self._draw()
+
+
+def open_train_stream(cfg, files: Sequence[str | os.PathLike], rank: int, world_size: int):
+    """The training stream [data] order asks for: upstream's sequential TokenStream (every rank reads the same
+    stream and keeps its slice), or the records' ShuffledStream (each rank its own shards)."""
+    if cfg.data.order == "shuffled":
+        return ShuffledStream(files, cfg.train.seq_len, cfg.train.seed, rank, world_size)
+    return TokenStream(files)
+
+
+def train_micro_batch(cfg, stream, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One training micro-batch of this rank, from a stream open_train_stream(cfg, ...) opened."""
+    t = cfg.train
+    if cfg.data.order == "shuffled":
+        return stream.next_batch(rank_tokens(t.batch_tokens, t.seq_len, t.grad_accum_steps, world_size) // t.seq_len)
+    return next_batch(stream, t.batch_tokens, t.seq_len, t.grad_accum_steps, rank, world_size)
+
+
+def rank_tokens(global_tokens: int, seq_len: int, grad_accum_steps: int, world_size: int) -> int:
+    """Tokens of one rank's micro-batch: a positive multiple of seq_len, else a UserError."""
+    local = global_tokens // (world_size * grad_accum_steps)
+    if local <= 0 or local % seq_len != 0:
+        raise UserError(
+            f"train.batch_tokens={global_tokens} gives {local} tokens per rank per micro-step "
+            f"(batch_tokens // (world_size {world_size} * grad_accum_steps {grad_accum_steps})); "
+            f"expected a positive multiple of seq_len {seq_len}"
+        )
+    return local
+
+
 def next_batch(
     stream: TokenStream,
     global_tokens: int,
@@ -175,13 +275,7 @@ def next_batch(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    local = global_tokens // (world_size * grad_accum_steps)
-    if local <= 0 or local % seq_len != 0:
-        raise UserError(
-            f"train.batch_tokens={global_tokens} gives {local} tokens per rank per micro-step "
-            f"(batch_tokens // (world_size {world_size} * grad_accum_steps {grad_accum_steps})); "
-            f"expected a positive multiple of seq_len {seq_len}"
-        )
+    local = rank_tokens(global_tokens, seq_len, grad_accum_steps, world_size)
     span = local + 1
     chunk = stream.take(span * world_size)
     mine = chunk[rank * span : rank * span + span]

@@ -70,7 +70,7 @@ def refused(blob: bytes, match: str | None = None) -> None:
 
 # ---- round trip and determinism ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma"])
+@pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma", "brotli"])
 def test_round_trip(tmp_path, weights, codec):
     path = tmp_path / "model.art"
     info = write_artifact(path, SPEC, weights, codec=codec)
@@ -121,7 +121,7 @@ def test_zstd_level_is_recorded(weights):
 
 
 def test_bad_codec_or_level_at_build(weights):
-    for codec, level in [("brotli", None), ("zlib", 10), ("zstd", 0), ("lzma", -1), ("zlib", True)]:
+    for codec, level in [("lz4", None), ("brotli", 12), ("zlib", 10), ("zstd", 0), ("lzma", -1), ("zlib", True)]:
         with pytest.raises(UserError):
             build_artifact(SPEC, weights, codec=codec, level=level)
 
@@ -167,7 +167,9 @@ def test_prefix_defects(small_blobs):
     refused(b"PK\x03\x04" + blob[4:], "bad magic")
     refused(MAGIC[:10], "truncated")
     refused(blob[:18] + struct.pack("<H", 2) + blob[20:], "version 2")
-    refused(blob[:20] + b"brotli-9".ljust(16, b"\0") + blob[36:], "unknown codec")
+    refused(blob[:20] + b"lz4-9".ljust(16, b"\0") + blob[36:], "unknown codec")
+    refused(blob[:20] + b"bs9+zlib-9".ljust(16, b"\0") + blob[36:], "unknown codec")
+    refused(blob[:20] + b"bs2+zlib-9".ljust(16, b"\0") + blob[36:], "checksum")  # not shuffled: other bytes
     refused(blob[:20] + b"zlib-42".ljust(16, b"\0") + blob[36:], "out of range")
     refused(blob[:20] + b"zlib-9\0x".ljust(16, b"\0") + blob[36:], "unknown codec")
     refused(blob[:LEN_AT] + struct.pack("<Q", 1 << 40) + blob[LEN_AT + 8 :], "limit")
@@ -179,7 +181,7 @@ def test_prefix_defects(small_blobs):
     refused(blob[:SHA_AT] + bad_sha + blob[SHA_AT + 1 :], "checksum")
 
 
-@pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma"])
+@pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma", "brotli"])
 def test_truncated_and_extended(small_blobs, codec):
     blob = small_blobs[codec]
     for cut in sorted({0, 1, 17, 18, 20, 35, 36, 50, PREFIX_BYTES - 1, PREFIX_BYTES, PREFIX_BYTES + 1,

@@ -103,6 +103,16 @@ def _plant_ns_coefficient(monkeypatch):
     monkeypatch.setattr(mo, "NS_COEFFS", (a, b, 2.0))  # upstream's c is 2.0315
 
 
+def _plant_row_norm_axis(monkeypatch):
+    """MLX's MuonEq-R normalises columns instead of rows."""
+    import mlx.core as mx
+
+    from backend_mlx import optim as mo
+
+    monkeypatch.setattr(mo, "normalize_rows",
+                        lambda g, eps=1e-7: g / mx.maximum(mx.sqrt(mx.sum(g * g, axis=0, keepdims=True)), eps))
+
+
 def _plant_gqa_layout(monkeypatch):
     """torch shares kv heads as a tile (kv0 kv1 kv0 kv1) instead of in groups (kv0 kv0 kv1 kv1)."""
     import torch.nn.functional as F
@@ -135,6 +145,7 @@ PLANTED = {
     # bug: (plant, the first row that must fail)
     "rope_sign_torch": (_plant_rope, "op rope"),
     "ns_coefficient_mlx": (_plant_ns_coefficient, "update muon (matrix)"),
+    "row_norm_axis_mlx": (_plant_row_norm_axis, "update+row_norm muon (matrix)"),
     "gqa_layout_torch": (_plant_gqa_layout, "op attention (GQA 4q/2kv)"),
     "norm_eps_mlx": (_plant_norm_eps, "op rms_norm"),
     "lossy_export_torch": (_plant_lossy_export, "weights loaded, exported back to numpy"),

@@ -11,8 +11,9 @@ handed to each backend's trainer. The checks, in the order a bug would show firs
 - per op on small random inputs: RMSNorm, RoPE, attention with GQA, MLP, softcap, cross-entropy;
 - each effective layer's hidden state (naming the block it runs), the logits and the loss;
 - the gradients of one backward pass, one row per parameter tensor;
-- one optimizer step (Muon and Adam) of each backend's update function on the SAME numpy gradients, and one
-  with decoupled weight decay on every group ("update+wd": the config's decay, else 0.04), then one full
+- one optimizer step (Muon and Adam) of each backend's update function on the SAME numpy gradients, one
+  with decoupled weight decay on every group ("update+wd": the config's decay, else 0.04), and Muon with
+  MuonEq-R's row normalisation ("update+row_norm", optim.muon_row_normalize), then one full
   train_step of each trainer on the same batch (weights' change, one row per group);
 - the artifact: the weights exported from each backend (backend tensors -> numpy) quantized and
   serialized by core; the SHA-256 of the uncompressed payload and of the compressed artifact must be
@@ -40,6 +41,7 @@ import numpy as np
 from core.config import RunConfig, load_config
 from core.errors import UserError
 from core.params import EMBED, GROUPS, MATRIX, param_table
+from core.quant import STD_SCHEME
 from core.schedule import muon_momentum
 from core.spec import ModelSpec
 from core.tolerances import ADAM_GRAD_FLOOR, NOT_COMPARED, tolerance
@@ -250,7 +252,8 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
         # ---- one optimizer step on the same numpy gradients, then one with decoupled weight decay ----
         progress("optimizer step")
         if len(grads_np) == len(table):
-            for prefix, opt in (("update", optim), ("update+wd", with_weight_decay(optim))):
+            for prefix, opt in (("update", optim), ("update+wd", with_weight_decay(optim)),
+                                ("update+row_norm", dataclasses.replace(optim, muon_row_normalize=True))):
                 momentum = muon_momentum(0, opt)
                 p_m = {k: M(v) for k, v in weights.items()}
                 p_m, _ = mo.make_update(spec, opt)(p_m, mo.init_state(spec, p_m), {k: M(v) for k, v in grads_np.items()},
@@ -260,7 +263,10 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
                                           torch.tensor(1.0), torch.tensor(momentum))
                 delta_m = {k: np.array(v, np.float64) - weights[k] for k, v in p_m.items()}
                 delta_t = {k: p_t[k].numpy().astype(np.float64) - weights[k] for k in p_t}
-                rows += _group_rows(prefix, table, weights, delta_m, delta_t, dtype, "update_muon", "update_adam")
+                group_rows = _group_rows(prefix, table, weights, delta_m, delta_t, dtype, "update_muon", "update_adam")
+                if prefix == "update+row_norm":  # it changes Muon only: Adam's rows would repeat 'update'
+                    group_rows = [r for r in group_rows if r.kind == "update_muon"]
+                rows += group_rows
         else:
             rows.append(Row("update (same numpy gradients)", None, None, None, False, "skipped: missing gradients"))
 
@@ -289,7 +295,8 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
     scheme = getattr(a, "quant_scheme", a.scheme)  # the scheme with its per-tensor rules, where configs have them
     spec_json = spec.to_dict()
     payload = {k: art.payload_bytes(spec_json, w, scheme) for k, w in exported.items()}
-    blobs = {k: art.build_artifact(spec_json, w, scheme, a.codec, a.level) for k, w in exported.items()}
+    blobs = {k: art.build_artifact(spec_json, w, scheme, a.codec, a.level, getattr(a, "byte_shuffle", 0))
+             for k, w in exported.items()}
     rows.append(compare_exact("artifact payload sha256 (uncompressed)", payload["mlx"], payload["torch"]))
     rows.append(compare_exact(f"artifact sha256 ({a.scheme}, {a.codec})", blobs["mlx"], blobs["torch"]))
     deq = {k: dequantize_weights(art.parse_artifact(blob, f"<{k} artifact>")[1]) for k, blob in blobs.items()}
@@ -298,7 +305,11 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
         zt = tm.logits(spec, {k: T(v) for k, v in deq["torch"].items()}, T(x), tdt)
     rows.append(compare("dequantized logits", _np(zm), _np(zt), tolerance("dequant_logits", dtype)))
     progress("fake quantization (QAT)")
-    rows += _fake_quant_rows(spec, scheme, weights, deq["mlx"], x, dtype, mdt, tdt)
+    if any(STD_SCHEME.fullmatch(s) for s in [scheme.split(";")[0]] + [r.split("=")[1] for r in scheme.split(";")[1:]]):
+        rows.append(Row("fake-quant (QAT) weights and logits", None, None, None, True,
+                        f"skipped: {scheme} has a std-clip scheme, which QAT does not take (artifact.qat refuses it)"))
+    else:
+        rows += _fake_quant_rows(spec, scheme, weights, deq["mlx"], x, dtype, mdt, tdt)
     return rows
 
 

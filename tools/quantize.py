@@ -27,11 +27,17 @@ def add_parser(sub) -> None:
     p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SCHEME",
                    help="per-tensor scheme by name, first match wins (repeatable), e.g. --rule '*.mlp.*=int5'")
     p.add_argument("--codec", default="zlib", help=f"compression ({', '.join(sorted(CODECS))}; default zlib)")
-    p.add_argument("--level", type=int, help="codec level (default: zlib 9, zstd 22, lzma 9)")
+    p.add_argument("--level", type=int, help="codec level (default: zlib 9, zstd 22, lzma 9, brotli 11)")
+    p.add_argument("--byte-shuffle", type=int, default=0, metavar="STRIDE",
+                   help="split the payload into STRIDE byte planes before compressing (2..8; the records use 2 "
+                        "with brotli; default 0: off)")
     p.add_argument("--backend", default="torch", choices=["torch", "mlx"],
                    help="which backend runs the model for --gptq and --eval")
     p.add_argument("--gptq", action="store_true",
-                   help="full Hessian GPTQ for the tensors an intN per-row scheme quantizes (int4..int7, int8_search)")
+                   help="full Hessian GPTQ for the tensors an intN per-row scheme quantizes (int4..int7, int8_search, "
+                        "intN_stdK)")
+    p.add_argument("--gptq-embedding", action="store_true",
+                   help="with --gptq: the tied embedding too (#1394: e.g. --rule tok_emb.weight=int8_std20)")
     p.add_argument("--batches", type=int, help="--gptq: training batches to collect Hessians on "
                    "(default: the config's artifact.gptq_batches)")
     p.add_argument("--damp", type=float, default=DEFAULT_DAMP, help=f"--gptq damping (default {DEFAULT_DAMP})")
@@ -98,12 +104,12 @@ class _Model:
         return evaluate(self.backend, self.val_tokens, t.seq_len, t.val_batch_tokens, self.luts)[1]
 
 
-def _check_gptq_targets(path, weights, scheme: str) -> None:
+def _check_gptq_targets(path, weights, scheme: str, embedding: bool) -> None:
     from core.gptq import NO_TARGETS, gptq_applies
 
-    if not gptq_applies(weights, scheme):
+    if not gptq_applies(weights, scheme, embedding):
         raise UserError(f"--gptq: no tensor of {path} is quantized by an intN per-row scheme (int4..int7, "
-                        f"int8_search) under {scheme!r}; {NO_TARGETS}")
+                        f"int8_search, intN_stdK) under {scheme!r}; {NO_TARGETS}")
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -115,6 +121,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise UserError(f"--block {args.block}: expected a positive number of columns")
     if not 0 <= args.damp < 1:
         raise UserError(f"--damp {args.damp}: expected a fraction of the mean Hessian diagonal in [0, 1)")
+    if args.gptq_embedding and not args.gptq:
+        raise UserError("--gptq-embedding GPTQs the tied embedding too: add --gptq")
+    if args.byte_shuffle != 0 and not 2 <= args.byte_shuffle <= 8:
+        raise UserError(f"--byte-shuffle {args.byte_shuffle}: expected a stride from 2 to 8 (or 0: off)")
     if args.batches is not None and not args.gptq:
         raise UserError(f"--batches {args.batches} sets the Hessian batches of --gptq: add --gptq, or drop it")
     if args.eval_weights and not args.eval:
@@ -124,19 +134,25 @@ def run_quantize(args: argparse.Namespace) -> int:
     scheme = compose_scheme(args.scheme, args.rule)
     spec, weights = load_weights(args.weights)
     if args.gptq:  # before minutes of Hessians
-        _check_gptq_targets(args.weights, weights, scheme)
+        if args.gptq_embedding and not spec.tie_embeddings:
+            raise UserError(f"--gptq-embedding: {args.weights} has an untied embedding; GPTQ takes the embedding's "
+                            "Hessian from its use as the head")
+        _check_gptq_targets(args.weights, weights, scheme, args.gptq_embedding)
     model = _Model(args, spec, weights) if args.gptq or args.eval else None
     if args.gptq:
         batches = args.batches or model.cfg.artifact.gptq_batches
         t0 = time.perf_counter()
-        hessians, record = collect_training_hessians(model.backend, model.data.train_files, model.cfg.train, batches)
+        hessians, record = collect_training_hessians(model.backend, model.data.train_files, model.cfg, batches)
         t1 = time.perf_counter()
-        qw = quantize_weights_gptq(weights, scheme, hessians, args.damp, args.block, record)
-        info = write_quantized(args.out, spec.to_dict(), qw, codec=args.codec, level=args.level)
+        qw = quantize_weights_gptq(weights, scheme, hessians, args.damp, args.block, record,
+                                   embedding=args.gptq_embedding)
+        info = write_quantized(args.out, spec.to_dict(), qw, codec=args.codec, level=args.level,
+                               byte_shuffle=args.byte_shuffle)
         print(f"gptq: {len(qw.gptq['tensors'])} tensors, Hessians from {batches} training batches "
               f"({record['calibration']['tokens']:,} tokens) in {t1 - t0:.1f}s, solved in {time.perf_counter() - t1:.1f}s")
     else:
-        info = write_artifact(args.out, spec.to_dict(), weights, scheme=scheme, codec=args.codec, level=args.level)
+        info = write_artifact(args.out, spec.to_dict(), weights, scheme=scheme, codec=args.codec, level=args.level,
+                              byte_shuffle=args.byte_shuffle)
     print(f"wrote {args.out}: {info.total_bytes:,} bytes ({scheme}, {info.codec_label})")
     print(size_report(info, _code_bytes(args)))
     if args.eval:

@@ -104,7 +104,7 @@ def run_size(args) -> int:
     art = cfg.artifact
     seed = cfg.train.seed
     qw = quantize_weights(init_weights(spec, seed), art.quant_scheme)
-    _, info = encode_artifact(spec.to_dict(), qw, art.codec, art.level)
+    _, info = encode_artifact(spec.to_dict(), qw, art.codec, art.level, art.byte_shuffle)
     print(f"\nartifact of a fresh init (seed {seed}), quantized and compressed as a run would export it:")
     print_table(group_rows(qw, info, art.codec, art.level), info)
     print("NOTE: these are the bytes of the INITIAL weights. Trained weights compress differently (the init has "
