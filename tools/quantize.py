@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a safetensors weight file into an artifact and report its size")
     p.add_argument("weights", help="loopgolf weights (.safetensors, e.g. RUN_DIR/model.safetensors)")
     p.add_argument("--out", required=True, help="artifact path to write")
-    p.add_argument("--scheme", default="int8", help=f"default scheme ({', '.join(sorted(SCHEMES))}; default int8)")
+    p.add_argument("--scheme", default="int8", help=f"default scheme ({', '.join(sorted(SCHEMES))}, or intN_stdK, the "
+                   "records' std clip, e.g. int6_std12.85; default int8)")
     p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SCHEME",
                    help="per-tensor scheme by name, first match wins (repeatable), e.g. --rule '*.mlp.*=int5'")
     p.add_argument("--codec", default="zlib", help=f"compression ({', '.join(sorted(CODECS))}; default zlib)")
