@@ -235,3 +235,28 @@ def test_training_stops_the_reserve_early(reserve, steps, tmp_path, monkeypatch)
     text = (tmp_path / "run" / "train.log").read_text()
     assert f"stopping_early: wallclock_cap train_time:{steps * 1000}ms step:{steps}/100" in text
     assert all(json.loads(line)["event"] != "nonfinite" for line in (tmp_path / "run" / "metrics.jsonl").open())
+
+
+# ---- loopgolf quantize --------------------------------------------------------------------------------
+
+def test_quantize_takes_the_records_options(tmp_path, capsys):
+    from core.spec import ModelSpec
+    from core.weights import save_weights
+    from tools.cli import main
+
+    spec = ModelSpec.from_table({"vocab_size": 512, "model_dim": 192, "num_heads": 4, "num_kv_heads": 2,
+                                 "layer_plan": "1x2"})
+    weights = init_weights(spec, 7)
+    path, out = tmp_path / "w.safetensors", tmp_path / "m.art"
+    save_weights(path, spec, weights)
+    args = ["quantize", str(path), "--out", str(out), "--scheme", "int6_std12.85", "--rule", "tok_emb.weight=int8_std20",
+            "--codec", "brotli", "--level", "5"]
+    assert main(args + ["--byte-shuffle", "2"]) == 0
+    assert out.read_bytes() == build_artifact(spec.to_dict(), weights, "int6_std12.85;tok_emb.weight=int8_std20",
+                                              "brotli", 5, 2)
+    assert "bs2+brotli-5" in capsys.readouterr().out
+    for extra, message in ((["--byte-shuffle", "1"], "--byte-shuffle 1"),
+                           (["--gptq-embedding"], "--gptq-embedding GPTQs the tied embedding too: add --gptq")):
+        out.unlink(missing_ok=True)
+        assert main(args + extra) == 2
+        assert message in capsys.readouterr().err and not out.exists()
