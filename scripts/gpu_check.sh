@@ -12,7 +12,11 @@ py=${PYTHON:-}
 if [ -z "$py" ]; then
   if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
-if ! "$py" -c "import zstandard" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$py" -c "import zstandard" 2>/dev/null; then
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "gpu_check.sh: $py cannot import zstandard and .whl/ holds no wheel for it (docs/benchmarks.md, The GPU check)" >&2
+    exit 2
+  fi
   site=${TMPDIR:-/tmp}/loopgolf-site
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"

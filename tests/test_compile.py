@@ -31,6 +31,7 @@ from core import quant  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.depth import depth_schedule  # noqa: E402
 from core.params import MATRIX, init_weights, param_table  # noqa: E402
+from core.tolerances import tolerance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
@@ -195,10 +196,13 @@ def test_inductor_compiles_and_runs_the_demo_step(monkeypatch):
     assert later == {"graphs": 0, "graph_breaks": 0}
     losses_eager = [step(eager, cfg, rng_b) for _ in range(3)]
     np.testing.assert_allclose(losses_fast, losses_eager, rtol=1e-5)
-    # The Muon matrices moved alike. (Adam's first steps map gradient entries within rounding of 0 onto up
-    # to +-lr, so its tensors are judged by the losses: core/tolerances.py ADAM_GRAD_FLOOR.)
-    w_fast, w_eager = fast.get_weights(), eager.get_weights()
+    # The Muon matrices moved alike: within parity's fp32 band for a Muon step (Newton-Schulz amplifies
+    # rounding; core/tolerances.py step_muon), once per step. Adam's first steps map gradient entries within
+    # rounding of 0 onto up to +-lr, so its tensors are judged by the losses (ADAM_GRAD_FLOOR there).
+    w0, w_fast, w_eager = init_weights(cfg.model, cfg.train.seed), fast.get_weights(), eager.get_weights()
     for info in param_table(cfg.model):
         if info.group == MATRIX:
-            np.testing.assert_allclose(w_fast[info.name], w_eager[info.name], atol=1e-5, err_msg=info.name)
+            d_fast, d_eager = w_fast[info.name] - w0[info.name], w_eager[info.name] - w0[info.name]
+            bound = 3 * tolerance("step_muon", "float32", dim=max(info.shape)).bound(float(np.abs(d_eager).max()))
+            assert float(np.abs(d_fast - d_eager).max()) <= bound, info.name
     torch._dynamo.reset()

@@ -45,10 +45,18 @@ def test_refuses_to_start_without_cuda(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_unknown_part_is_one_error(capsys):
-    assert loopgolf(["gpu-check", "--cpu-smoke", "--parts", "train,nonsense"]) == 2
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "train,nonsense"], "--parts train,nonsense: unknown nonsense"),
+    (["--jobs", "0"], "--jobs 0: expected a positive number"),
+    (["--budget", "-5"], "--budget -5: expected a positive number"),
+    (["--upstream", "/nowhere/train_gpt.py"], "--upstream /nowhere/train_gpt.py: file not found"),
+    (["--data", "/nowhere"], "--data /nowhere: not a directory"),
+])
+def test_bad_arguments_are_one_error(args, message, tmp_path, capsys):
+    assert loopgolf(["gpu-check", "--cpu-smoke", "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err
-    assert "--parts train,nonsense: unknown nonsense" in err and err.count("\n") == 1
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_gpu_plan_runs_the_issue_configs_at_the_record_batch_per_gpu():

@@ -231,8 +231,10 @@ def run_gpu_check(args) -> int:
     if not smoke and not torch.cuda.is_available():
         raise UserError("gpu-check needs a CUDA GPU (torch.cuda.is_available() is False); --cpu-smoke runs the "
                         "same parts on the CPU at tiny sizes")
-    if args.budget <= 0 or (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 1):
-        raise UserError("--budget, --steps and --warmup: expected positive numbers")
+    for flag, value in (("--budget", args.budget), ("--steps", args.steps), ("--warmup", args.warmup),
+                        ("--rounds", args.rounds), ("--jobs", args.jobs)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} {value:g}: expected a positive number")
     if args.upstream and not Path(args.upstream).is_file():
         raise UserError(f"--upstream {args.upstream}: file not found")
     if args.data and not Path(args.data).is_dir():
@@ -240,7 +242,7 @@ def run_gpu_check(args) -> int:
     parts = plan_parts(args, smoke)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = args.jobs or (2 if smoke else 4)
+    jobs = args.jobs if args.jobs is not None else (2 if smoke else 4)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="loopgolf-gpu-check-") as tmp:
         # --cpu-smoke times nothing that matters, so its timed phase runs in parallel too
