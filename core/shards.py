@@ -6,6 +6,8 @@ num_tokens little-endian uint16 token ids. Files are named fineweb_{train,val}_{
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -194,24 +196,25 @@ class ShuffledStream:
 
     def _refill(self) -> None:
         """A new phase and window order for every shard (start-up, and once every shard is used up)."""
-        self.starts, self.left = [], np.zeros(len(self.files), dtype=np.int64)
-        for i, n in enumerate(self.sizes):
+        self.starts, self.left = [], []
+        for n in self.sizes:
             max_phase = min(self.seq_len - 1, max(0, n - self.seq_len - 1))
             phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
             count = max((n - 1 - phase) // self.seq_len, 0)
-            self.starts.append(phase + self.rng.permutation(count) * self.seq_len)
-            self.left[i] = count
+            self.starts.append((phase + self.rng.permutation(count) * self.seq_len).tolist())
+            self.left.append(count)
 
     def _draw(self) -> tuple[int, int]:
-        """(shard, window start) of the next sequence: the shard by the windows it has left, then its next one."""
-        total = int(self.left.sum())
+        """(shard, window start) of the next sequence: the shard by the windows it has left (a uniform integer
+        below their total, located in the running sums; an empty shard spans nothing), then its next window."""
+        total = sum(self.left)
         if total <= 0:
             self._refill()
-            total = int(self.left.sum())
-        shard = int(self.rng.choice(len(self.files), p=self.left / total))
+            total = sum(self.left)
+        shard = bisect.bisect_right(list(itertools.accumulate(self.left)), int(self.rng.integers(total)))
         self.left[shard] -= 1
         self.drawn += 1
-        return shard, int(self.starts[shard][self.left[shard]])
+        return shard, self.starts[shard][self.left[shard]]
 
     def next_batch(self, seqs: int) -> tuple[np.ndarray, np.ndarray]:
         """`seqs` sequences as int32 (x, y) of shape (seqs, seq_len), y shifted by one."""
