@@ -90,16 +90,33 @@ def _zstd_compress(data: bytes, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level, threads=0, write_content_size=True).compress(data)
 
 
+# Compressed bytes fed to zstd per call. python-zstandard's streaming decompressor has no output limit (zlib's
+# and lzma's take max_length), so the cap is kept by feeding small pieces: a zstd block needs at least 4 bytes
+# (an RLE block) for its at most 128 KiB, so one piece inflates to at most 32 MiB past the cap.
+_ZSTD_PIECE = 1 << 10
+
+
 def _zstd_decompress(data: bytes, size: int) -> bytes:
+    """Inflate one zstd frame to at most `size` bytes, whatever its header declares (or leaves out)."""
     content = zstandard.get_frame_parameters(data).content_size
     if content not in (size, zstandard.CONTENTSIZE_UNKNOWN):
         raise _Malformed(f"the zstd frame declares {content} bytes, the prefix {size}")
-    # The streaming decompressor grows its output with the data actually produced; the one-shot API
-    # would allocate whatever the frame header declares (up to the 1 GiB cap) for a 100-byte file.
     stream = zstandard.ZstdDecompressor().decompressobj()
-    out = stream.decompress(data)
-    if stream.unused_data:
-        raise _Malformed(f"{len(stream.unused_data)} bytes follow the zstd frame")
+    out, produced, view = [], 0, memoryview(data)
+    for start in range(0, len(data), _ZSTD_PIECE):
+        piece = stream.decompress(view[start : start + _ZSTD_PIECE])
+        produced += len(piece)
+        if produced > size:
+            raise _Malformed(f"the payload inflates to more than the declared {size} bytes")
+        out.append(piece)
+        if stream.eof:
+            stray = len(stream.unused_data) + max(0, len(data) - start - _ZSTD_PIECE)
+            if stray:
+                raise _Malformed(f"{stray} bytes follow the zstd frame")
+            break
+    if not stream.eof:
+        raise _Malformed("the compressed payload is truncated")
+    out = b"".join(out)
     if len(out) != size:
         raise _Malformed(f"the payload inflates to {len(out)} bytes, the prefix declares {size}")
     return out
