@@ -17,7 +17,7 @@ from typing import Any
 
 from core.atomic import atomic_write_text
 from core.errors import UserError
-from core.shards import DEMO_HINT, list_shards
+from core.shards import DEMO_HINT, list_shards, read_shard
 from core.tokenizer import load_tokenizer
 
 MANIFEST_NAME = "manifest.json"
@@ -183,6 +183,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise UserError(f"manifest {path} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"manifest {path}: not readable JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"manifest {path}: not readable JSON (nested too deeply)") from None
     return manifest_from_dict(raw, where=str(path))
 
 
@@ -231,6 +233,19 @@ def _pick_dataset(m: Manifest, name: str | None, where: Path, flag: str) -> Data
     if entry is None:
         raise UserError(f"{where}: no dataset named {name!r}; it lists {', '.join(names)}; {_data_hint(name)}")
     return entry
+
+
+def check_tokenizer_vocab(sp_vocab: int, tokenizer_path: Path, entry: DatasetEntry | None,
+                          tok_entry: TokenizerEntry | None, root: Path | None) -> int:
+    """The data's vocabulary size: the tokenizer's, which must be what the manifest records for the dataset
+    and for the tokenizer (another tokenizer gives a meaningless val_bpb without any error)."""
+    recorded = [(f"dataset {entry.name}", entry.vocab_size)] if entry is not None else []
+    recorded += [(f"tokenizer {tok_entry.name}", tok_entry.vocab_size)] if tok_entry is not None else []
+    for what, size in recorded:
+        if size and size != sp_vocab:
+            raise UserError(f"tokenizer {tokenizer_path} has vocab {sp_vocab}, but {root / MANIFEST_NAME} records "
+                            f"vocab_size {size} for {what}: the tokenizer does not match the shards")
+    return sp_vocab
 
 
 def resolve_data(
@@ -295,7 +310,9 @@ def resolve_data(
             f"files_train={entry.stats.files_train}; stale shards from another export?"
         )
     sp = load_tokenizer(tokenizer_path)
-    vocab_size = entry.vocab_size if entry is not None else int(sp.vocab_size())
+    vocab_size = check_tokenizer_vocab(int(sp.vocab_size()), tokenizer_path, entry, tok_entry, root)
+    for f in val_files:  # a tokenizer smaller than the shards' scores ids it has no pieces for as 0 bytes
+        read_shard(f, vocab_size)
     return DataPaths(
         dataset_dir=dataset_dir,
         train_files=train_files,

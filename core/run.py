@@ -45,7 +45,7 @@ def load_eval_data(cfg: RunConfig, data: DataPaths) -> tuple[ByteLuts, np.ndarra
     sp = load_tokenizer(data.tokenizer_path)
     check_vocab(sp, cfg.model.vocab_size, data.tokenizer_path)
     luts = build_byte_luts(sp, cfg.model.vocab_size)
-    val_tokens = load_val_tokens(data.val_files, cfg.train.seq_len)
+    val_tokens = load_val_tokens(data.val_files, cfg.train.seq_len, cfg.model.vocab_size)
     if cfg.train.val_max_tokens:
         keep = (min(cfg.train.val_max_tokens, len(val_tokens) - 1) // cfg.train.seq_len) * cfg.train.seq_len
         val_tokens = val_tokens[: keep + 1]

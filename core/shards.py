@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -85,12 +86,25 @@ def read_shard_header(path: str | os.PathLike) -> int:
     return num_tokens
 
 
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """The shard's tokens as a read-only uint16 memmap (validated first)."""
+def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """The shard's tokens as a read-only uint16 memmap (validated first). With `vocab_size`, every token id
+    must be below it: an id past the embedding crashes MLX (a segfault) and makes torch raise mid-step."""
     num_tokens = read_shard_header(path)
     if num_tokens == 0:  # numpy cannot memmap zero bytes
         return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    if vocab_size is not None:
+        check_token_ids(tokens, vocab_size, f"shard {path}")
+    return tokens
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, what: str, offset: int = 0) -> None:
+    """One vectorised max over the tokens; UserError naming the first id >= vocab_size and its position
+    (`offset`: where `tokens` starts in the shard)."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise UserError(f"{what} holds token id {int(tokens[bad])} (at position {offset + bad}), but the vocabulary "
+                        f"has {vocab_size} ids: the data does not match the model or the tokenizer")
 
 
 def list_shards(dataset_dir: str | os.PathLike, split: str) -> list[Path]:
@@ -113,7 +127,7 @@ class TokenStream:
     same tokens, and a run is reproducible from (file index, position).
     """
 
-    def __init__(self, files: Sequence[str | os.PathLike]):
+    def __init__(self, files: Sequence[str | os.PathLike], vocab_size: int | None = None):
         if not files:
             raise UserError(f"no shard files given to read; make the demo data with: {DEMO_HINT}")
         self.files = [Path(f) for f in files]
@@ -121,14 +135,32 @@ class TokenStream:
         self.sizes = [read_shard_header(f) for f in self.files]
         if sum(self.sizes) == 0:
             raise UserError(f"shards {self.files[0]} ... hold no tokens")
+        # With vocab_size, every shard's token ids are checked once, before any of its tokens is handed out:
+        # the first shard here, each next one in a thread while the one before it is read (one max over a
+        # 100M-token shard takes ~50 ms, which the training loop then never waits for).
+        self.vocab_size = vocab_size
+        self._checks: dict[int, ShardChecks | None] = {}  # shard index -> its check (None: passed)
         self.file_index = 0
         self.pos = 0
-        self._tokens = read_shard(self.files[0])
+        self._tokens = self._map(0)
+
+    def _map(self, index: int) -> np.ndarray:
+        if self.vocab_size is not None:
+            check = self._checks.get(index, False)
+            if check is False:  # not started: check it now
+                read_shard(self.files[index], self.vocab_size)
+            elif check is not None:
+                check.wait(index)
+            self._checks[index] = None
+            following = (index + 1) % len(self.files)
+            if following not in self._checks:
+                self._checks[following] = ShardChecks(self.files, self.vocab_size, [following])
+        return read_shard(self.files[index])
 
     def _advance_file(self) -> None:
         self.file_index = (self.file_index + 1) % len(self.files)
         self.pos = 0
-        self._tokens = read_shard(self.files[self.file_index])
+        self._tokens = self._map(self.file_index)
 
     def take(self, n: int) -> np.ndarray:
         """The next n tokens as int32, crossing file boundaries and wrapping as needed."""
@@ -158,7 +190,35 @@ class TokenStream:
                 f"there are {len(self.files)} shards (is this the same data as the checkpoint's?)"
             )
         self.file_index, self.pos = file_index, pos
-        self._tokens = read_shard(self.files[file_index])
+        self._tokens = self._map(file_index)
+
+
+class ShardChecks:
+    """Token-id checks (read_shard(file, vocab_size)) of files[i] for i in `order`, one after another in a
+    thread (numpy's max releases the GIL); wait(i) blocks until shard i's is done and raises what it found."""
+
+    def __init__(self, files: Sequence[Path], vocab_size: int, order: Sequence[int]):
+        self._done: dict[int, Exception | None] = {}
+        self._ready = threading.Condition()
+        threading.Thread(target=self._run, args=(list(files), vocab_size, list(order)), daemon=True).start()
+
+    def _run(self, files: list[Path], vocab_size: int, order: list[int]) -> None:
+        for i in order:
+            try:
+                read_shard(files[i], vocab_size)
+                error = None
+            except (UserError, OSError) as e:  # reported when the stream reaches the shard
+                error = e
+            with self._ready:
+                self._done[i] = error
+                self._ready.notify_all()
+
+    def wait(self, index: int) -> None:
+        with self._ready:
+            self._ready.wait_for(lambda: index in self._done)
+            error = self._done[index]
+        if error is not None:
+            raise error
 
 
 class ShuffledStream:
@@ -176,7 +236,7 @@ class ShuffledStream:
     """
 
     def __init__(self, files: Sequence[str | os.PathLike], seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, vocab_size: int | None = None):
         if not files:
             raise UserError(f"no shard files given to read; make the demo data with: {DEMO_HINT}")
         all_files = [Path(f) for f in files]
@@ -192,6 +252,9 @@ class ShuffledStream:
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
         self.drawn = 0  # sequences taken so far
         self._tokens = [None] * len(self.files)  # memmaps, opened on first use
+        # With vocab_size, each shard's token ids are checked before its first window is used; the random draws
+        # reach every shard within a few batches, so all of them are checked in a thread from the start.
+        self._checks = ShardChecks(self.files, vocab_size, range(len(self.files))) if vocab_size is not None else None
         self._refill()
 
     def _refill(self) -> None:
@@ -222,6 +285,8 @@ class ShuffledStream:
         for row in range(seqs):
             shard, start = self._draw()
             if self._tokens[shard] is None:
+                if self._checks is not None:
+                    self._checks.wait(shard)
                 self._tokens[shard] = read_shard(self.files[shard])
             window[row] = self._tokens[shard][start : start + self.seq_len + 1]
         return window[:, :-1], window[:, 1:]
@@ -238,8 +303,8 @@ def open_train_stream(cfg, files: Sequence[str | os.PathLike], rank: int, world_
     """The training stream [data] order asks for: upstream's sequential TokenStream (every rank reads the same
     stream and keeps its slice), or the records' ShuffledStream (each rank its own shards)."""
     if cfg.data.order == "shuffled":
-        return ShuffledStream(files, cfg.train.seq_len, cfg.train.seed, rank, world_size)
-    return TokenStream(files)
+        return ShuffledStream(files, cfg.train.seq_len, cfg.train.seed, rank, world_size, cfg.model.vocab_size)
+    return TokenStream(files, cfg.model.vocab_size)
 
 
 def train_micro_batch(cfg, stream, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,11 +350,12 @@ def next_batch(
     return mine[:-1].reshape(-1, seq_len), mine[1:].reshape(-1, seq_len)
 
 
-def load_val_tokens(files: Sequence[str | os.PathLike], seq_len: int) -> np.ndarray:
-    """All validation tokens (int32), truncated as upstream to a whole number of seq_len windows + 1."""
+def load_val_tokens(files: Sequence[str | os.PathLike], seq_len: int, vocab_size: int | None = None) -> np.ndarray:
+    """All validation tokens (int32), truncated as upstream to a whole number of seq_len windows + 1; with
+    `vocab_size`, every id checked to lie below it."""
     if not files:
         raise UserError(f"no validation shards given; make the demo data with: {DEMO_HINT}")
-    tokens = np.concatenate([np.asarray(read_shard(f), dtype=np.int32) for f in files])
+    tokens = np.concatenate([np.asarray(read_shard(f, vocab_size), dtype=np.int32) for f in files])
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise UserError(

@@ -25,7 +25,9 @@ from core.shards import ShuffledStream, TokenStream, open_train_stream, shard_na
 from tests.helpers import StandInBackend
 
 SEQ = 16
-MODEL = {"vocab_size": 64, "model_dim": 16, "num_heads": 2, "num_kv_heads": 1, "layer_plan": "2x2"}
+# The shards' tokens are position markers up to 29,999 (below), and the loader checks every id against the
+# vocabulary: it must hold them.
+MODEL = {"vocab_size": 30000, "model_dim": 16, "num_heads": 2, "num_kv_heads": 1, "layer_plan": "2x2"}
 TRAIN = {"iterations": 12, "batch_tokens": 4 * SEQ, "seq_len": SEQ, "warmup_steps": 0, "val_every": 0,
          "log_every": 0, "max_wallclock_seconds": 0, "compute_dtype": "float32"}
 

@@ -182,7 +182,7 @@ def bench(args) -> dict:
             val_source = np.asarray(read_shard(train_files[0]), dtype=np.int32)
         else:
             train_files = data.train_files
-            val_source = load_val_tokens(data.val_files, t.seq_len)
+            val_source = load_val_tokens(data.val_files, t.seq_len, spec.vocab_size)
 
         backend = build_backend(backend_name, spec, init_weights(spec, t.seed), t, cfg.optim)
         hooks = hooks_for(backend)
@@ -192,7 +192,7 @@ def bench(args) -> dict:
                               "path": None if data is None else str(data.dataset_dir)}
             result["notes"] = notes
             if upstream:
-                stream = TokenStream(train_files)
+                stream = TokenStream(train_files, cfg.model.vocab_size)
                 result["upstream"] = compare_upstream(
                     args, cfg, data, backend.name, hooks.dtype_name, result["step_ms"]["all"],
                     lambda: _timed_steps(backend, cfg, stream, args.steps)[0])
@@ -224,7 +224,7 @@ def _measure(args, cfg: RunConfig, backend, hooks, train_files, val_source) -> d
     t, spec = cfg.train, cfg.model
     micro = t.batch_tokens // t.grad_accum_steps
     n = probe_size(spec, micro)
-    stream = TokenStream(train_files)
+    stream = TokenStream(train_files, cfg.model.vocab_size)
     _timed_steps(backend, cfg, stream, args.warmup)  # untimed
     # The peak is probed right before and right after the timed steps and the better taken: on a shared
     # machine a burst of someone else's load during one probe would otherwise inflate MFU.
@@ -315,7 +315,7 @@ def eval_throughput(backend, val_tokens: np.ndarray, seq_len: int, val_batch_tok
 def loader_throughput(train_files, cfg: RunConfig, min_seconds: float = 0.2, min_steps: int = 3) -> dict:
     """Tokens/s of core.shards.TokenStream + next_batch alone, a whole step's micro-batches at a time."""
     t = cfg.train
-    stream = TokenStream(train_files)
+    stream = TokenStream(train_files, cfg.model.vocab_size)
     tokens = steps = 0
     t0 = time.perf_counter()
     while steps < min_steps or time.perf_counter() - t0 < min_seconds:

@@ -92,7 +92,7 @@ class _Model:
             sp = load_tokenizer(self.data.tokenizer_path)
             check_vocab(sp, spec.vocab_size, self.data.tokenizer_path)
             self.luts = build_byte_luts(sp, spec.vocab_size)
-            self.val_tokens = load_val_tokens(self.data.val_files, cfg.train.seq_len)
+            self.val_tokens = load_val_tokens(self.data.val_files, cfg.train.seq_len, spec.vocab_size)
             if cfg.train.val_max_tokens:  # as the run evaluated (tools/train.py)
                 keep = (min(cfg.train.val_max_tokens, len(self.val_tokens) - 1) // cfg.train.seq_len) * cfg.train.seq_len
                 self.val_tokens = self.val_tokens[: keep + 1]
