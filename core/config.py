@@ -326,7 +326,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise UserError(f"--set {text!r}: expected section.key=value, e.g. train.iterations=50")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: an integer of 4300+ digits
         value = raw.strip()
     return parts[0], parts[1], value
 

@@ -115,19 +115,22 @@ def is_float_dtype(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
-def torch_quantile_last_axis(a: np.ndarray, q: float) -> np.ndarray:
+def torch_quantile_last_axis(a: np.ndarray, q: float, rank_dtype=np.float32) -> np.ndarray:
     """torch.quantile(a, q, dim=-1) for a float32 array with no NaN, reproduced bit for bit.
 
     np.quantile's default method is the same linear interpolation, but it computes the position
-    q*(n-1) and the interpolation weight in float64 from a float64 q. torch wraps q in a float32
-    tensor and does both in float32, so the two disagree in the last bits of the clip for nearly every
-    row (measured: 2,730 of 2,816 random rows), which moves scales and flips some codes. So we do
+    q*(n-1) and the interpolation weight in float64 from a float64 q. torch before 2.14 wraps q in a
+    float32 tensor and does both in float32, so the two disagree in the last bits of the clip for nearly
+    every row (measured: 2,730 of 2,816 random rows), which moves scales and flips some codes. So we do
     torch's arithmetic by hand: float32 position, floor/ceil neighbours, and torch's two-sided lerp.
+    That float32 rule is upstream's int8 rule (its records ran torch < 2.14) and loopgolf's artifacts keep
+    it. torch 2.14 (pytorch#187574) computes the position in float64 from the float32 q and casts only the
+    weight to float32: rank_dtype=np.float64 reproduces that (tests/test_quant.py compares both).
     """
     n = a.shape[-1]
-    rank = np.float32(q) * np.float32(n - 1)
+    rank = rank_dtype(np.float32(q)) * rank_dtype(n - 1)
     below, above = int(np.floor(rank)), int(np.ceil(rank))
-    weight = rank - np.float32(below)
+    weight = np.float32(rank - below)
     # Partitioning puts the exact order statistics at `below` and `above`, like a full sort, but faster.
     part = np.partition(a, sorted({below, above}), axis=-1)
     lo, hi = part[..., below], part[..., above]

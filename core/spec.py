@@ -24,6 +24,11 @@ FLOAT32_EPS = 1.1920928955078125e-07
 MAX_VOCAB = 65536  # shards store token ids as uint16
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 LOOP_GATE_STYLES = ("every_loop", "seed319")
+# Sizes refused before anything is allocated (a typo like model_dim=1000000000 or "1x100000000" should be one
+# line, not numpy's MemoryError or a hang). Far above anything trainable, so no real model meets them.
+MAX_LAYERS = 4096  # effective layers (the seeds use 9 to 27)
+MAX_STATE_BYTES = 1 << 40  # fp32 weights, gradients and optimizer state of one process: 1 TiB
+MAX_ACTIVATION_BYTES_PER_TOKEN = 1 << 30  # fp32 activations kept for backward, per token: 1 GiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +86,8 @@ class ModelSpec:
         for name in ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "num_layers", "num_blocks"):
             if getattr(self, name) < 1:
                 raise UserError(f"model.{name} = {getattr(self, name)}: expected a positive integer")
+        for name in ("num_layers", "num_blocks", "value_embeds"):  # before any per-layer or per-table list exists
+            _check_layers(getattr(self, name), f"model.{name}")
         if self.mlp_hidden < 0:
             raise UserError(f"model.mlp_hidden = {self.mlp_hidden}: expected 0 (mlp_mult * model_dim) or a positive size")
         if self.mlp_activation not in MLP_ACTIVATIONS:
@@ -188,6 +195,25 @@ class ModelSpec:
         if self.resid_mix_phase and self.per_layer_scales:
             raise UserError("model.resid_mix_phase = true initialises the blocks' own resid_mix, which "
                             "model.per_layer_scales = true replaces; switch one off")
+
+    def _check_sizes(self) -> None:
+        """Refuse shapes whose training state or activations no machine holds, from the parameter table and
+        the activation estimate (tools/train.py's memory estimate, in fp32), before anything is allocated.
+        Run on every spec read from a table (a config, --set, a weight file's or artifact's metadata); not in
+        __post_init__, where the table (~1 ms) would slow every derived spec fifteenfold."""
+        from core.params import param_table  # core.params imports this module
+
+        params = sum(math.prod(info.shape) for info in param_table(self))
+        state = 16 * params  # fp32 weights and gradients, and at most two optimizer moments (Adam's m and v)
+        if state > MAX_STATE_BYTES:
+            raise UserError(f"model: {params:,} parameters (model_dim {self.model_dim:,}, vocab_size "
+                            f"{self.vocab_size:,}, {self.num_blocks:,} blocks) need about {_size(state)} for weights, "
+                            f"gradients and optimizer state; at most {_size(MAX_STATE_BYTES)} is accepted")
+        per_token = 4 * (self.num_layers * (12 * self.model_dim + 2 * self.mlp_width) + 3 * self.vocab_size)
+        if per_token > MAX_ACTIVATION_BYTES_PER_TOKEN:
+            raise UserError(f"model: {self.num_layers:,} layers of width {self.model_dim:,} keep about "
+                            f"{_size(per_token)} of activations per token for backward; at most "
+                            f"{_size(MAX_ACTIVATION_BYTES_PER_TOKEN)} is accepted")
 
     # Derived shapes, named once so both backends agree.
     @property
@@ -390,10 +416,14 @@ class ModelSpec:
         elif "num_layers" in values or "num_blocks" in values:
             # Flat model: one block per layer, as upstream's NUM_LAYERS.
             n = values.get("num_layers", values.get("num_blocks"))
+            for name in ("num_layers", "num_blocks"):
+                _check_layers(values.get(name, 0), f"{where}.{name}")
             values.setdefault("num_layers", n)
             values.setdefault("num_blocks", n)
             values["layer_plan"] = tuple(range(values["num_blocks"]))[: values["num_layers"]]
-        return cls(**values)
+        spec = cls(**values)
+        spec._check_sizes()
+        return spec
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "ModelSpec":
@@ -419,6 +449,15 @@ class ModelSpec:
         )
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**40:,.1f} TiB" if n >= 2**40 else f"{n / 2**30:,.1f} GiB"
+
+
+def _check_layers(n: int, key: str) -> None:
+    if n > MAX_LAYERS:
+        raise UserError(f"{key} = {n:,}: at most {MAX_LAYERS:,}")
+
+
 _CYCLE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
@@ -435,10 +474,12 @@ def parse_layer_plan(value: Any, num_layers: int | None, key: str) -> tuple[tupl
             k, r = int(m.group(1)), int(m.group(2))
             if k < 1 or r < 1:
                 raise UserError(f"{key} = {value!r}: 'KxR' needs K >= 1 blocks and R >= 1 repeats")
+            _check_layers(k * r, f"{key} = {value!r}: K x R")  # before the plan is built
             return tuple(list(range(k)) * r), k
         if text == "flat":
             if num_layers is None:
                 raise UserError(f"{key} = 'flat' needs model.num_layers")
+            _check_layers(num_layers, "model.num_layers")
             return tuple(range(num_layers)), num_layers
         parts = text.replace(",", " ").split()
         if not parts or not all(p.isdigit() for p in parts):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -30,9 +31,13 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); a TOML config is UTF-8") from None
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:  # ValueError: an integer of 4300+ digits
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise UserError(f"config file {path}: cannot read it ({e.strerror or e})") from None
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -46,6 +51,15 @@ def check_known_keys(table: dict, known: list[str], where: str) -> None:
             raise UserError(f"unknown key '{where}.{key}'{_suggest(key, known)}")
 
 
+def _show(value: Any) -> str:
+    """A value for an error message: its repr, cut short (a pasted 100,000-character value is still one line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more than 4,300 digits has no repr
+        return f"<an integer of {value.bit_length():,} bits>"
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text):,} characters)"
+
+
 def coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check one TOML value against a field annotation (int, float, bool, str, list[int], or a union)."""
     origin = typing.get_origin(annotation)
@@ -55,34 +69,42 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
                 return coerce(value, option, key)
             except UserError:
                 pass
-        raise UserError(f"'{key}' = {value!r}: expected {_describe(annotation)}")
+        raise UserError(f"'{key}' = {_show(value)}: expected {_describe(annotation)}")
     if annotation is type(None):
         if value is None:
             return None
-        raise UserError(f"'{key}' = {value!r}: expected nothing")
+        raise UserError(f"'{key}' = {_show(value)}: expected nothing")
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"'{key}' = {value!r}: expected a list of {item.__name__}")
+            raise UserError(f"'{key}' = {_show(value)}: expected a list of {item.__name__}")
         return tuple(coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"'{key}' = {value!r}: expected true or false")
+        raise UserError(f"'{key}' = {_show(value)}: expected true or false")
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"'{key}' = {value!r}: expected an integer")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # no count or size of a run is that large; numpy could not hold it
+                raise UserError(f"'{key}': an integer of {value.bit_length()} bits; expected at most 64 bits")
+            return value
+        raise UserError(f"'{key}' = {_show(value)}: expected an integer")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"'{key}' = {value!r}: expected a number")
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past float's range
+                number = math.inf
+            if not math.isfinite(number):  # nan and inf are valid TOML; no rate, scale or time may be one
+                raise UserError(f"'{key}' = {_show(value)}: expected a finite number")
+            return number
+        raise UserError(f"'{key}' = {_show(value)}: expected a number")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise UserError(f"'{key}' = {value!r}: expected a string")
+        raise UserError(f"'{key}' = {_show(value)}: expected a string")
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
 

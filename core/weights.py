@@ -79,7 +79,13 @@ def load_weights(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     except (SafetensorError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     check_weights(spec, weights, str(path))
-    return spec, {k: v.astype(np.float32, copy=False) for k, v in weights.items()}
+    weights = {k: v.astype(np.float32, copy=False) for k, v in weights.items()}
+    bad = [k for k, v in sorted(weights.items()) if not np.isfinite(v).all()]
+    if bad:  # training from, quantizing or scoring them would only spread the NaN (the run that wrote it diverged)
+        count = int(sum(np.count_nonzero(~np.isfinite(weights[k])) for k in bad))
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"{path}: {count:,} NaN or inf values in tensor {bad[0]!r}{more}; a weight file must be finite")
+    return spec, weights
 
 
 def read_header(path: Path) -> dict:
