@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import UserError, os_error
 
 
 @contextlib.contextmanager
@@ -16,8 +16,11 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     if path.is_dir():  # else the temp file lands in its parent and the rename fails with a traceback
         raise UserError(f"{path} is a directory; expected a file path to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only directory, a parent that is a regular file
+        raise os_error(e, path) from None
     os.close(fd)
     # mkstemp makes the file owner-only; give it the permissions an ordinary open() would.
     umask = os.umask(0)
@@ -26,9 +29,11 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk, a quota: the file the user named, not the temp beside it
+            raise os_error(e, path) from None
         raise
 
 

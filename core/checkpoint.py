@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from core.config import RunConfig, SECTIONS
-from core.errors import UserError
+from core.errors import UserError, os_error
 from core.params import MATRIX, param_table
 from core.shards import read_shard_header
 from core.spec import ModelSpec
@@ -209,8 +209,17 @@ def write_checkpoint(root: str | os.PathLike, step: int, spec: ModelSpec, weight
     """Write root/step_NNNNNN atomically and keep the newest `keep` (0: all). Returns its path.
     `average`: the weight-averaging state (tensors, JSON record) from core.averaging, if any."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
+    try:
+        return _write_checkpoint(root, final, step, spec, weights, optimizer, meta, keep, average)
+    except OSError as e:  # a full disk, a read-only run directory: one line naming the checkpoint
+        raise os_error(e, final) from None
+
+
+def _write_checkpoint(root: Path, final: Path, step: int, spec: ModelSpec, weights: dict[str, np.ndarray],
+                      optimizer: dict[str, np.ndarray], meta: dict, keep: int,
+                      average: tuple[dict[str, np.ndarray], dict] | None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     _sweep(root)
     wbytes, obytes = encode_state(spec, weights, optimizer)
     blobs = {WEIGHTS_FILE: wbytes, OPTIMIZER_FILE: obytes}
@@ -441,7 +450,8 @@ def resolve_resume(out_dir: str | os.PathLike, cfg: RunConfig, train_files) -> P
     root = out_dir / DIR_NAME
     path = latest(root)
     if path is None:
-        where = f"{root} holds none" if root.is_dir() else f"{root} does not exist"
+        where = (f"{root} holds none" if root.is_dir() else
+                 f"{root} is not a directory" if root.exists() else f"{root} does not exist")
         raise UserError(f"--resume: no complete checkpoint in {out_dir} ({where}); "
                         "checkpoints are written every train.checkpoint_every steps and on SIGTERM/SIGINT")
     meta = read_meta(path)
@@ -462,7 +472,7 @@ def refuse_fresh_run(out_dir: str | os.PathLike) -> None:
     path = latest(Path(out_dir) / DIR_NAME)
     if path is not None:
         raise UserError(f"{out_dir} already holds checkpoints of a run (newest {path.name}): continue it with "
-                        "--resume, or choose another --out")
+                        "--resume, choose another --out, or pass --force to start it afresh")
 
 
 def checkpoint_meta(train_time_ms: float, stop_after: int | None, position: tuple[int, int], shards: list,

@@ -3,10 +3,13 @@ metrics.jsonl, and a progress bar on a terminal. Only rank 0 writes anything."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
+
+from core.errors import os_error
 
 
 def _jsonable(v):
@@ -49,9 +52,19 @@ class RunLog:
         self._log = self._metrics = None
         self.sinks: list = []  # trackers (tools/track.py): each gets every record, on rank 0 only
         if self.enabled and out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(out_dir / "train.log", "a", encoding="utf-8")
-            self._metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+            with self._writing(out_dir):
+                out_dir.mkdir(parents=True, exist_ok=True)
+                self._log = open(out_dir / "train.log", "a", encoding="utf-8")
+                self._metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _writing(path):
+        """A full disk or a read-only run directory stops the run with one line naming the file."""
+        try:
+            yield
+        except OSError as e:
+            raise os_error(e, path) from None
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -62,14 +75,16 @@ class RunLog:
             else:
                 print(text, flush=True)
         if self._log:
-            self._log.write(text + "\n")
-            self._log.flush()
+            with self._writing(self._log.name):
+                self._log.write(text + "\n")
+                self._log.flush()
 
     def event(self, kind: str, **fields) -> None:
         if self.enabled and self._metrics:
             record = {"event": kind, **{k: _jsonable(v) for k, v in fields.items()}}
-            self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
+            with self._writing(self._metrics.name):
+                self._metrics.write(json.dumps(record) + "\n")
+                self._metrics.flush()
             self._send(record)
 
     def add_sink(self, sink) -> None:
@@ -104,7 +119,8 @@ class RunLog:
         self.sinks = []
         for f in (self._log, self._metrics):
             if f:
-                f.close()
+                with contextlib.suppress(OSError):  # a failed write was reported already
+                    f.close()
 
 
 class TrainReport:

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -d data/datasets/shakespeare_sp1024 ] || .venv/bin/make_mini_shards --demo --out data  # beside any fetched data
 echo "demo: training configs/demo.toml into runs/demo (the commands live in .venv: . .venv/bin/activate to use them)"
-exec .venv/bin/loopgolf train --config configs/demo.toml --out runs/demo "$@"
+# runs/demo is the demo's own directory: running the demo again starts it afresh (--force)
+exec .venv/bin/loopgolf train --config configs/demo.toml --out runs/demo --force "$@"

@@ -130,7 +130,7 @@ def test_a_failed_write_leaves_no_checkpoint(tmp_path, shards, monkeypatch):
         real(path, data)
 
     monkeypatch.setattr(ck, "_write_synced", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"cannot write {root / 'step_000004'}: No space left on device"):
         write(root, 4, shards)
     assert [p.name for p in root.iterdir()] == ["step_000002"]
 

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out RUN_DIR from its newest complete checkpoint (same config; "
                             "see train.checkpoint_every)")
+    train.add_argument("--force", action="store_true",
+                       help="a new run into an --out that holds an earlier run's files: delete them first "
+                            "(without it such a directory is refused)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: on when stderr is a terminal)")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"loopgolf: stopped: {e}", file=sys.stderr)
         return 3
+    except OSError as e:  # what no write or read site turned into a UserError: still one line with the path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"loopgolf: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("loopgolf: interrupted", file=sys.stderr)
         return 130

@@ -6,18 +6,26 @@
 
 Output: OUT/datasets/<name>/fineweb_{train,val}_*.bin, OUT/tokenizers/<tok>.model/.vocab, OUT/manifest.json.
 Other datasets in an existing OUT/manifest.json are kept; shards of the dataset written are replaced.
+Everything is written under OUT/.make_mini_shards-*.tmp first and moved into place at the end, the manifest
+last: Ctrl-C, a full disk or an error leaves OUT as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -152,10 +160,12 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
 # ---------------------------------------------------------------- writing
 
 
-def write_split(dataset_dir: Path, split: str, docs: Iterable[np.ndarray], shard_tokens: int) -> tuple[int, int, int]:
+def write_split(dataset_dir: Path, split: str, docs: Iterable[np.ndarray], shard_tokens: int,
+                shown: Path | None = None) -> tuple[int, int, int]:
     """Concatenate documents into shards of shard_tokens (documents may straddle shards, as upstream).
 
     Returns (files, docs, tokens). Shards of this split left over from an earlier, bigger export are removed.
+    `shown`: the directory named in the log (where a staged file will end up).
     """
     pending: list[np.ndarray] = []
     fill = files = ndocs = ntokens = 0
@@ -166,7 +176,7 @@ def write_split(dataset_dir: Path, split: str, docs: Iterable[np.ndarray], shard
         if fill:
             path = dataset_dir / shard_name(split, files)
             write_shard(path, np.concatenate(pending))
-            log(f"  wrote {path} ({fill:,} tokens)")
+            log(f"  wrote {(shown or dataset_dir) / path.name} ({fill:,} tokens)")
             written.add(path.name)
             files, fill, pending = files + 1, 0, []
 
@@ -207,13 +217,72 @@ def tokenizer_entry(sp, name: str, model_rel: str) -> TokenizerEntry:
     )
 
 
-def copy_tokenizer(src_model: Path, out: Path) -> str:
-    """Copy a .model (and its .vocab if present) into OUT/tokenizers/; return the path relative to OUT."""
+class Staging:
+    """Files of one export, written under OUT/.make_mini_shards-*.tmp and moved into OUT by commit()."""
+
+    def __init__(self, out: Path):
+        self.made_out = not out.is_dir()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=".make_mini_shards-", suffix=".tmp", dir=out))
+        except OSError as e:
+            raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+        self.out = out
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)  # after commit() it is empty; after a failure, all of it
+        if error is not None and self.made_out:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only when empty
+        if isinstance(error, UserError) and str(self.dir) in str(error):  # name the file as the user knows it
+            raise UserError(str(error).replace(str(self.dir), str(self.out))) from None
+
+    def path(self, rel: str | Path) -> Path:
+        return self.dir / rel
+
+    def commit(self, manifest: Manifest, dataset: str, splits: dict[str, set[str]]) -> None:
+        """Move every staged file into OUT, remove the dataset's stale shards, write the manifest; Ctrl-C
+        waits until this is done (it takes milliseconds), so OUT is never left half old, half new."""
+        with _sigint_deferred():
+            try:
+                for f in sorted(p for p in self.dir.rglob("*") if p.is_file()):
+                    dest = self.out / f.relative_to(self.dir)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, dest)
+                for split, keep in splits.items():
+                    remove_stale(self.out / "datasets" / dataset, split, keep)
+            except OSError as e:
+                raise UserError(f"cannot move the new files into {self.out}: {e.strerror or e}") from None
+            write_manifest(self.out / MANIFEST_NAME, manifest)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:  # the export is complete now: finish it rather than report it as interrupted
+        log("  Ctrl-C came while the files were moved into place: the export finished first")
+
+
+def copy_tokenizer(src_model: Path, out: Path, stage: Staging | None = None) -> str:
+    """Copy a .model (and its .vocab if present) into OUT/tokenizers/ (staged when `stage` is given); return
+    the path relative to OUT."""
     rel = f"tokenizers/{src_model.name}"
     if (out / rel).resolve() != src_model.resolve():
-        atomic_write_bytes(out / rel, src_model.read_bytes())
+        dest = stage.path(rel) if stage else out / rel
+        atomic_write_bytes(dest, src_model.read_bytes())
         if src_model.with_suffix(".vocab").is_file():
-            atomic_write_bytes((out / rel).with_suffix(".vocab"), src_model.with_suffix(".vocab").read_bytes())
+            atomic_write_bytes(dest.with_suffix(".vocab"), src_model.with_suffix(".vocab").read_bytes())
     return rel
 
 
@@ -225,13 +294,18 @@ def bytes_per_token(sp, tokens: list[np.ndarray]) -> float:
 
 def export_documents(args, docs: list[str], default_name: str, version: str) -> int:
     """Split, tokenize (training a tokenizer on the train documents unless one is given), write."""
-    t0 = time.perf_counter()
     out = Path(args.out)
+    with Staging(out) as stage:
+        return _export_documents(args, docs, default_name, version, out, stage)
+
+
+def _export_documents(args, docs: list[str], default_name: str, version: str, out: Path, stage: Staging) -> int:
+    t0 = time.perf_counter()
     train_docs, val_docs = split_documents(docs, args.val_fraction, SHUFFLE_SEED)
     log(f"documents: {len(train_docs)} train, {len(val_docs)} val (whole documents, seed {SHUFFLE_SEED})")
     if args.tokenizer:
         sp = load_tokenizer(args.tokenizer)
-        model_rel = copy_tokenizer(Path(args.tokenizer), out)
+        model_rel = copy_tokenizer(Path(args.tokenizer), out, stage)
         tok_name = Path(args.tokenizer).stem
         vocab = int(sp.vocab_size())
     else:
@@ -240,16 +314,17 @@ def export_documents(args, docs: list[str], default_name: str, version: str) -> 
         tok_name = f"{base}_{vocab}_bpe"
         model_rel = f"tokenizers/{tok_name}.model"
         log(f"training SentencePiece BPE tokenizer (vocab {vocab}) on {len(train_docs)} train documents")
-        train_sentencepiece(train_docs, vocab, out / model_rel)
-        sp = load_tokenizer(out / model_rel)
-        log(f"  wrote {out / model_rel} (vocab {sp.vocab_size()})")
+        train_sentencepiece(train_docs, vocab, stage.path(model_rel))
+        sp = load_tokenizer(stage.path(model_rel))
+        log(f"  trained {out / model_rel} (vocab {sp.vocab_size()})")
     name = args.name or default_name.format(vocab=vocab)
-    dataset_dir = out / "datasets" / name
+    dataset_dir = stage.path(f"datasets/{name}")
     shard_tokens = args.shard_tokens or DEMO_SHARD_TOKENS
     val_tokens = encode_documents(sp, val_docs)
     train_tokens = encode_documents(sp, train_docs)
-    files_val, _, ntok_val = write_split(dataset_dir, "val", val_tokens, shard_tokens)
-    files_train, _, ntok_train = write_split(dataset_dir, "train", train_tokens, shard_tokens)
+    files_val, _, ntok_val = write_split(dataset_dir, "val", val_tokens, shard_tokens, shown=out / "datasets" / name)
+    files_train, _, ntok_train = write_split(dataset_dir, "train", train_tokens, shard_tokens,
+                                             shown=out / "datasets" / name)
 
     manifest = load_or_new_manifest(out)
     manifest.version, manifest.shuffle_seed = version, SHUFFLE_SEED
@@ -258,7 +333,8 @@ def export_documents(args, docs: list[str], default_name: str, version: str) -> 
     manifest.put_tokenizer(tokenizer_entry(sp, tok_name, model_rel))
     stats = DatasetStats(files_train, files_val, len(train_docs), len(val_docs), ntok_train, ntok_val)
     manifest.put_dataset(DatasetEntry(name, tok_name, f"datasets/{name}", int(sp.vocab_size()), stats))
-    write_manifest(out / MANIFEST_NAME, manifest)
+    stage.commit(manifest, name, {split: {p.name for p in dataset_dir.glob(f"fineweb_{split}_*.bin")}
+                                  for split in ("train", "val")})
     log(
         f"{PROG}: {name}: train {len(train_docs)} docs, {ntok_train:,} tokens in {files_train} shards; "
         f"val {len(val_docs)} docs, {ntok_val:,} tokens in {files_val} shards; "
@@ -275,11 +351,17 @@ def run_subset(args) -> int:
     src = resolve_data(args.src, dataset=args.dataset, tokenizer=args.tokenizer, dataset_flag="--dataset NAME")
     src_entry = src.dataset_entry
     name = args.name or (src_entry.name if src_entry else src.dataset_dir.resolve().name)
-    dataset_dir = out / "datasets" / name
-    if dataset_dir.resolve() == src.dataset_dir.resolve():
+    final_dir = out / "datasets" / name
+    if final_dir.resolve() == src.dataset_dir.resolve():
         raise UserError(f"--out {out}: would overwrite the source shards in {src.dataset_dir}; choose another directory")
     if args.train_shards > len(src.train_files):
         raise UserError(f"--train-shards {args.train_shards}: {src.dataset_dir} has only {len(src.train_files)} train shards")
+    with Staging(out) as stage:
+        return _subset(args, src, src_entry, name, out, final_dir, stage, t0)
+
+
+def _subset(args, src, src_entry, name: str, out: Path, final_dir: Path, stage: Staging, t0: float) -> int:
+    dataset_dir = stage.path(f"datasets/{name}")
 
     sp = load_tokenizer(src.tokenizer_path)
     src_tok = src.manifest.tokenizer(src_entry.tokenizer_name) if src_entry else None
@@ -292,10 +374,9 @@ def run_subset(args) -> int:
             log(f"  note: {f} has only {tokens.size:,} tokens; taking all of them")
         path = dataset_dir / shard_name("train", i)
         write_shard(path, tokens)
-        log(f"  wrote {path} ({tokens.size:,} tokens)")
+        log(f"  wrote {final_dir / path.name} ({tokens.size:,} tokens)")
         written.add(path.name)
         ntok_train, docs_train = ntok_train + tokens.size, docs_train + int((tokens == bos).sum())
-    remove_stale(dataset_dir, "train", written)
 
     val_parts, need = [], args.val_tokens
     for f in src.val_files:
@@ -307,10 +388,11 @@ def run_subset(args) -> int:
     val = np.concatenate(val_parts)
     if need > 0:
         log(f"  note: the val shards hold only {val.size:,} tokens; taking all of them")
-    files_val, _, ntok_val = write_split(dataset_dir, "val", [val], args.shard_tokens or UPSTREAM_SHARD_TOKENS)
+    files_val, _, ntok_val = write_split(dataset_dir, "val", [val], args.shard_tokens or UPSTREAM_SHARD_TOKENS,
+                                         shown=final_dir)
     docs_val = int((val == bos).sum())  # documents that start inside the subset
 
-    model_rel = copy_tokenizer(src.tokenizer_path, out)
+    model_rel = copy_tokenizer(src.tokenizer_path, out, stage)
     tok = tokenizer_entry(sp, src.tokenizer_path.stem, model_rel)
     if src_tok is not None:  # keep upstream's entry (name, extra keys), pointing at the copies
         tok = dataclasses.replace(src_tok, model_path=tok.model_path, vocab_path=tok.vocab_path)
@@ -324,7 +406,8 @@ def run_subset(args) -> int:
     stats = DatasetStats(len(written), files_val, docs_train, docs_val, ntok_train, ntok_val)
     vocab = src_entry.vocab_size if src_entry else int(sp.vocab_size())
     manifest.put_dataset(DatasetEntry(name, tok.name, f"datasets/{name}", vocab, stats))
-    write_manifest(out / MANIFEST_NAME, manifest)
+    stage.commit(manifest, name, {"train": written,
+                                  "val": {p.name for p in dataset_dir.glob("fineweb_val_*.bin")}})
     log(
         f"{PROG}: {name}: train {ntok_train:,} tokens in {len(written)} shards; val {ntok_val:,} tokens in "
         f"{files_val} shards (a prefix of val: its bpb is not comparable to full-val bpb); "
@@ -392,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # one no write site named (a read, say): still one line with the path
+        print(f"{PROG}: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the output directory is as it was (nothing half-written was left)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

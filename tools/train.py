@@ -18,6 +18,7 @@ from core.manifest import resolve_data
 from core.params import MATRIX, count_params, init_weights, param_table
 from core.run import load_eval_data, log_header
 from core.runlog import RunLog
+from core.shards import read_shard
 from core.weights import load_weights
 from tools.backends import build_backend, resolve_backend, under_torchrun
 from tools.script import submission_code_bytes
@@ -135,7 +136,7 @@ def initial_weights(cfg: RunConfig, init_path: str | None):
 
 def resume_command(args, out_dir: Path, world_size: int) -> str:
     """The command line that continues this run: the same arguments, its --out and ranks, and --resume."""
-    argv = [a for a in getattr(args, "argv", None) or ["train"] if a != "--resume"]
+    argv = [a for a in getattr(args, "argv", None) or ["train"] if a not in ("--resume", "--force")]
     if not args.out:
         argv += ["--out", str(out_dir)]
     if world_size > 1 and not any(a == "--nproc" or a.startswith("--nproc=") for a in argv):
@@ -156,13 +157,55 @@ def check_resume(args, cfg: RunConfig, train_files) -> Path | None:
     return ckpt_io.resolve_resume(args.out, cfg, train_files)
 
 
+def claim_run_dir(args, nproc: int):
+    """Lock the run directory for this run and, for a new run, make sure it holds no earlier run's files
+    (core.rundir; --force deletes them). The process that starts the run does it: one process, or the --nproc
+    launcher, whose ranks know through LOOPGOLF_RUN_LOCK; under an outside torchrun, rank 0 (with --out)."""
+    from core import rundir
+
+    if getattr(args, "force", False) and args.resume:
+        raise UserError("--force starts a run afresh and --resume continues one: give one of them")
+    rank = under_torchrun()
+    if (args.resume and not args.out) or (rank and (os.environ.get(rundir.LOCK_ENV) or os.environ["RANK"] != "0"
+                                                    or not args.out)):
+        return None
+    run_dir = Path(args.out) if args.out else default_out_dir(args.config)
+    lock = rundir.acquire(run_dir)
+    try:
+        if not args.resume:
+            removed = rundir.start_afresh(run_dir, getattr(args, "force", False), keep=[args.init] if args.init else [])
+            if removed:
+                print(f"loopgolf: --force: deleted {', '.join(p.name for p in removed)} in {run_dir}", file=sys.stderr)
+    except BaseException:
+        lock.release()
+        raise
+    if not args.out:
+        args.run_dir = run_dir
+        if nproc > 1:
+            args.argv = [*args.argv, "--out", str(run_dir)]
+    if nproc > 1 and not rank:
+        os.environ[rundir.LOCK_ENV] = str(lock.path)
+    return lock
+
+
 def run_train(args) -> int:
     backend_name, nproc, profile_defaults, note = resolve_launch(args)
     cfg = load_run_config(args, profile_defaults)
     if args.dry_run:
         return dry_run(args, cfg, backend_name, nproc, note)
     check_available(getattr(args, "log_to", None))  # a missing tracker library fails before training
+    lock = claim_run_dir(args, nproc)
+    try:
+        return train(args, cfg, backend_name, nproc)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(args, cfg: RunConfig, backend_name: str, nproc: int) -> int:
     data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
+    # The first train shard's token ids before anything is written (the loader checks each shard it reaches).
+    read_shard(data.train_files[0], cfg.model.vocab_size)
     luts, val_tokens = load_eval_data(cfg, data)  # the tokenizer and val split checked before any rank starts
     resume_path = check_resume(args, cfg, data.train_files)
     if nproc > 1 and "RANK" not in os.environ:  # mistakes above are reported once, before any rank starts
@@ -181,7 +224,7 @@ def run_train(args) -> int:
         if backend.all_reduce_max(s) != s or backend.all_reduce_max(-s) != -s:
             raise UserError(f"--resume: the ranks found different newest checkpoints in {resume_path.parent}")
     stamp = backend.all_reduce_max(time.time())  # every rank names the same run directory
-    out_dir = Path(args.out) if args.out else default_out_dir(args.config, stamp)
+    out_dir = Path(args.out) if args.out else getattr(args, "run_dir", None) or default_out_dir(args.config, stamp)
     if backend.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.toml", cfg.to_toml())
