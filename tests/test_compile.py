@@ -170,6 +170,38 @@ def test_many_closures_of_one_function_stay_compiled(dynamo_only):
     assert got == {"graphs": 12, "graph_breaks": 0}
 
 
+@pytest.mark.slow
+def test_the_update_of_several_ranks_compiles_to_two_graphs(dynamo_only, monkeypatch):
+    """With several ranks the update is one graph before the all-reduce of the Muon updates and one after it.
+    Rank 0 of 2, the all-reduce replaced by the identity (it runs between the graphs, in Python): the compiled
+    update equals the eager one, in two graphs, and a second step compiles nothing."""
+    from backend_torch import optim as to
+    from core.config import OptimConfig
+    from core.spec import ModelSpec
+    from tests.helpers import perturbed
+
+    monkeypatch.setattr(to.dist, "all_reduce", lambda tensor, op=None: None)
+    spec = ModelSpec.from_table({"vocab_size": 96, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2,
+                                 "layer_plan": "2x2"})
+    w = perturbed(spec)
+    rng = np.random.default_rng(3)
+    grads = [{k: torch.tensor(rng.normal(size=v.shape).astype(np.float32)) for k, v in w.items()} for _ in range(2)]
+    results, counts = [], []
+    for compile_it in (True, False):
+        params = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
+        state = to.init_state(spec)
+        update = to.make_update(spec, OptimConfig(grad_clip_norm=0.5), rank=0, world_size=2, compile=compile_it)
+        counts.append([new_graphs(lambda: update(params, state, g, torch.tensor(1.0 / (i + 1)), torch.tensor(0.9)))
+                       for i, g in enumerate(grads)])
+        results.append({k: v.detach().clone() for k, v in params.items()})
+    assert counts[0] == [{"graphs": 2, "graph_breaks": 0}, NONE], counts[0]
+    owned = {n for n, r in to.muon_owners(spec, 2).items() if r == 0}
+    for k in w:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=0, msg=k)
+        if k in to.muon_owners(spec, 2) and k not in owned:  # rank 1's matrices: untouched without its share
+            assert torch.equal(results[0][k], torch.tensor(w[k])), k
+
+
 INDUCTOR_OPT_IN = "LOOPGOLF_INDUCTOR_TESTS"
 
 
