@@ -31,8 +31,10 @@ def _train_summary(r: dict) -> str:
     mem = f"{r['peak_memory_bytes'] / GIB:.2f} GiB"
     if r.get("memory_ratio") is not None:
         mem += f" vs {r['memory_estimate_bytes'] / GIB:.2f} est ({100 * (r['memory_ratio'] - 1):+.0f}%)"
+    peak = r["peak"]["flops_per_s"]
+    peak_text = f"{peak / 1e12:,.1f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:,.1f} GFLOP/s"
     return (f"{r['ms_per_step']:,.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}% of "
-            f"{r['peak']['flops_per_s'] / 1e12:,.1f} TFLOP/s ({r['peak']['dtype']} {r['peak']['n']}^3), mem {mem}, "
+            f"{peak_text} ({r['peak']['dtype']} {r['peak']['n']}^3), mem {mem}, "
             f"compile {_num(r.get('compile_s'), '.1f')} s, {r['graphs_before_clock']} graphs, "
             f"{r['graph_breaks']} breaks, {r['graphs_in_timed_steps']} recompiles")
 
