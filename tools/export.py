@@ -21,6 +21,7 @@ from core.config import load_config
 from core.errors import UserError
 from core.params import count_params
 from core.size import CHALLENGE_LIMIT
+from tools.size import final_record
 from tools.script import DEFAULT_PACK, PACKS, build_script
 
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
@@ -82,14 +83,7 @@ def read_run(run_dir: str, cfg) -> RunResult:
         shown = ", ".join(f"{k} ({theirs.get(k)!r} in the run, {mine[k]!r} here)" for k in differ[:4])
         raise UserError(f"--run {path}: its config differs from --config in {shown}"
                         f"{' and more' if len(differ) > 4 else ''}")
-    final = None
-    for i, line in enumerate(metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"--run {path}: {metrics_path.name} line {i + 1} is not JSON") from None
-        if isinstance(record, dict) and record.get("event") == "final":
-            final = record
+    final = final_record(path)
     if final is None:
         raise UserError(f"--run {path}: the run has not finished (no final record in {metrics_path.name})")
     return RunResult(path, run_cfg.train.seed, final, log_path)

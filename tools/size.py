@@ -122,7 +122,7 @@ def run_size(args) -> int:
     return 0
 
 
-def _final_record(run_dir: Path) -> dict | None:
+def final_record(run_dir: Path) -> dict | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -142,7 +142,7 @@ def _final_record(run_dir: Path) -> dict | None:
 def run_size_run(run_dir: Path) -> int:
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found")
-    final = _final_record(run_dir)
+    final = final_record(run_dir)
     if final and isinstance(final.get("artifact"), str) and (run_dir / final["artifact"]).is_file():
         art_path = run_dir / final["artifact"]
     else:
@@ -177,20 +177,4 @@ def run_size_run(run_dir: Path) -> int:
         print_total("total, artifact + code (the script export writes now)", info.total_bytes, code_now)
     else:
         print(f"no {config_path.name} in {run_dir}: the code bytes need the run's config")
-    return 0
-    keys = ("val_bpb", "roundtrip_val_bpb", "artifact_bytes", "code_bytes", "total_bytes", "params",
-            "effective_params", "steps", "backend")
-    print("final record: " + ", ".join(f"{k}={final[k]}" for k in keys if k in final))
-    if final.get("artifact_bytes") not in (None, info.total_bytes):
-        print(f"WARNING: the final record says artifact_bytes={final['artifact_bytes']}, the file has "
-              f"{info.total_bytes}: the artifact changed after the run")
-    run_code = final.get("code_bytes")
-    if isinstance(run_code, int):
-        print_total(f"total, artifact + code as the run counted it ({final.get('backend', '?')})",
-                    info.total_bytes, run_code)
-    backend = final.get("backend")
-    if backend in ("torch", "mlx") and (ROOT / f"backend_{backend}").is_dir():
-        print_total(f"total, artifact + code ({backend}, now)", info.total_bytes, code_bytes(backend))
-    else:
-        print_total("total, artifact + code (torch, now)", info.total_bytes, code_now)
     return 0
