@@ -179,8 +179,8 @@ class ModelSpec:
         if self.ve_dim < 1:
             raise UserError(f"model.ve_dim = {self.ve_dim}: expected a positive integer")
         text = self.ve_layers.replace(",", " ").split()
-        if not all(t.isdigit() for t in text):
-            raise UserError(f"model.ve_layers = {self.ve_layers!r}: expected effective layer indices, e.g. '9,10'")
+        if not all(t.isdigit() and len(t) <= len(str(MAX_LAYERS)) for t in text):  # int() of 4300+ digits raises
+            raise UserError(f"model.ve_layers = {self.ve_layers[:40]!r}: expected effective layer indices, e.g. '9,10'")
         layers = sorted({int(t) for t in text})
         if len(layers) != len(text):
             raise UserError(f"model.ve_layers = {self.ve_layers!r} names a layer twice")

@@ -294,6 +294,8 @@ CASES: dict[str, Case] = {
     "num_blocks 1e9": Case(lambda c: ["size", "--config", str(c.file("b.toml", "[model]\nnum_blocks = 1000000000\n"))],
                            ("model.num_blocks = 1,000,000,000",)),
     "value_embeds 1e8": Case(lambda c: c.train("--set", "model.value_embeds=100000000"), ("model.value_embeds",)),
+    "ve_layers index of 5000 digits": Case(lambda c: c.train("--set", "model.ve_layers=" + "9" * 5000),
+                                           ("model.ve_layers", "expected effective layer indices")),
     # 7. malformed files
     "config not UTF-8": Case(lambda c: ["size", "--config", str(c.file("bad.toml", b"[model]\nx = 1 # \xff\xfe\n"))],
                              ("{tmp}/bad.toml", "not UTF-8")),
