@@ -57,9 +57,13 @@ def literal(v) -> str:
     raise UserError(f"cannot export a config value of type {type(v).__name__}: {v!r}")
 
 
+BUNDLER = ("tools/bundle.py", "tools/scopes.py", "tools/fold.py", "tools/prune.py", "tools/script.py")
+
+
 def _sources_digest() -> str:
+    """The bundled packages' sources and the bundler's own: a change to either makes another script."""
     h = hashlib.sha256()
-    for path in sorted(p for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")):
+    for path in sorted([p for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")] + [ROOT / f for f in BUNDLER]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
