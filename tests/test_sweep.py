@@ -164,7 +164,7 @@ def test_failing_runs_are_recorded_with_their_last_line_and_do_not_stop_the_othe
     runs = json.loads((out / "sweep.json").read_text())["runs"]
     assert [(r["name"], r["status"], r["rc"]) for r in runs] == [("vocab-s1", "failed", 2), ("nodata-s1", "failed", 2)]
     assert all(r["last_line"].startswith("loopgolf: error: ") for r in runs)
-    assert "vocabulary has 512 ids" in runs[0]["last_line"] and "nope" in runs[1]["last_line"]
+    assert "model.vocab_size is 512" in runs[0]["last_line"] and "nope" in runs[1]["last_line"]
     assert f"vocab-s1: FAILED (exit 2): {runs[0]['last_line']}" in printed
     assert "0 of 2 finished, 2 failed" in printed
     assert main(["compare", str(out)]) == 2

@@ -204,9 +204,9 @@ def run_train(args) -> int:
 
 def train(args, cfg: RunConfig, backend_name: str, nproc: int) -> int:
     data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
+    luts, val_tokens = load_eval_data(cfg, data)  # the tokenizer and val split checked before any rank starts
     # The first train shard's token ids before anything is written (the loader checks each shard it reaches).
     read_shard(data.train_files[0], cfg.model.vocab_size)
-    luts, val_tokens = load_eval_data(cfg, data)  # the tokenizer and val split checked before any rank starts
     resume_path = check_resume(args, cfg, data.train_files)
     if nproc > 1 and "RANK" not in os.environ:  # mistakes above are reported once, before any rank starts
         from backend_torch.launch import launch
