@@ -35,7 +35,10 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and warn; share the cores instead
+    # torchrun would set 1 and warn; share the cores instead. torchrun's ranks inherit os.environ, so it is set
+    # for the launch only: left behind, it would change this process's later runs (their thread count).
+    own_threads = "OMP_NUM_THREADS" not in os.environ
+    if own_threads:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "tools.cli", *strip_nproc(argv)]
@@ -47,4 +50,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     except SignalException as e:  # Ctrl-C or a kill: torchrun has already stopped the ranks
         print(f"loopgolf: interrupted ({e.sigval.name})", file=sys.stderr)
         return 130
+    finally:
+        if own_threads:
+            del os.environ["OMP_NUM_THREADS"]
     return 0

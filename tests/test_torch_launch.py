@@ -1,5 +1,7 @@
 """--profile, --dry-run and --nproc: resolving a run without training it (no GPU needed)."""
 
+import os
+
 import pytest
 
 from core.config import BUILTIN_PROFILES, config_from_dict
@@ -83,3 +85,20 @@ def test_strip_nproc():
 
     argv = ["train", "--nproc", "2", "--config", "c.toml", "--nproc=4", "--set", "train.iterations=3"]
     assert strip_nproc(argv) == ["train", "--config", "c.toml", "--set", "train.iterations=3"]
+
+
+def test_launch_shares_the_cores_with_its_ranks_and_leaves_the_environment_as_it_was(monkeypatch):
+    """The ranks get OMP_NUM_THREADS = cores // nproc; this process does not keep it (a later in-process run
+    would otherwise skip its own thread setting while its subprocesses ran with one thread: CI saw the two
+    disagree in the last bit)."""
+    import torch.distributed.run
+
+    from backend_torch.launch import launch
+
+    seen = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.distributed.run, "main", lambda args: seen.append(os.environ.get("OMP_NUM_THREADS")))
+    assert launch(2, ["train", "--nproc", "2"]) == 0
+    assert seen and int(seen[0]) >= 1 and "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice goes through and stays
+    assert launch(2, ["train"]) == 0 and seen[-1] == "3" and os.environ["OMP_NUM_THREADS"] == "3"
