@@ -21,7 +21,7 @@ def resolve_dtype(name: str):
     return {"float32": mx.float32, "bfloat16": mx.bfloat16}[name]
 
 
-class MLXTrainer:
+class MLXBackend:
     name = "mlx"
     rank = 0
     world_size = 1
@@ -197,3 +197,6 @@ class MLXTrainer:
 
     def all_reduce_max(self, value: float) -> float:
         return value
+
+    def close(self) -> None:
+        """Nothing to release: MLX runs on one process."""

@@ -42,7 +42,7 @@ def loop_stats(backend, x: np.ndarray, y: np.ndarray, total_loops: int) -> np.nd
     """(total_loops, 3) float64 per batch: loss sum (nats), sum (x_k - x_{k-1})^2, sum x_{k-1}^2 (row 0: 0, 0)."""
     tokens = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(backend.torch_device)
     targets = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(backend.torch_device)
-    with backend._autocast():  # as the trainer's own evaluation (bf16 autocast on CUDA)
+    with backend.autocast():  # as the trainer's own evaluation (bf16 autocast on CUDA)
         states = loop_states(backend.spec, backend.params, tokens, total_loops, backend.dtype)
         losses = [_head_losses(backend.spec, backend.params, s, targets).sum().item() for s in states]
     out = np.zeros((total_loops, 3), np.float64)

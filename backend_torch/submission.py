@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from backend_torch.trainer import TorchTrainer
+from backend_torch.trainer import TorchBackend
 from core.atomic import atomic_write_text
 from core.config import config_from_dict
 from core.errors import UserError
@@ -45,7 +45,7 @@ def run(script: Path, env: dict) -> int:
     data = resolve_data(data_path, dataset, env.get("TOKENIZER_PATH") or cfg.data.tokenizer or None)
     luts, val_tokens = load_eval_data(cfg, data)
     torch.manual_seed(cfg.train.seed)  # as `loopgolf train` does: noisy QAT's draws follow the seed
-    backend = TorchTrainer(cfg.model, init_weights(cfg.model, cfg.train.seed), cfg.train, cfg.optim)
+    backend = TorchBackend(cfg.model, init_weights(cfg.model, cfg.train.seed), cfg.train, cfg.optim)
     here = script.resolve().parent
     run_id = env.get("RUN_ID") or uuid.uuid4().hex[:8]
     out_dir = Path(env["OUT_DIR"]) if env.get("OUT_DIR") else here / "logs" / run_id

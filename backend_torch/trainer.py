@@ -77,7 +77,7 @@ def _copy_into(dst, src) -> None:
             dst[k].copy_(v)
 
 
-class TorchTrainer:
+class TorchBackend:
     name = "torch"
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], train: TrainConfig, optim: OptimConfig,
@@ -92,9 +92,10 @@ class TorchTrainer:
             configure_cuda(self.dtype)
         else:
             configure_cpu_threads()
-        # bf16 autocast on CUDA around the explicit casts in the model (upstream's setting).
+        # bf16 autocast on CUDA around the explicit casts in the model (upstream's setting). Public: code that
+        # runs the model outside the trainer (depth_eval, hessians) must run it under the same context.
         autocast = cuda and self.dtype == torch.bfloat16
-        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
         # In the parameter table's order, never the order of `weights`: gradients are all-reduced through one
         # flat buffer in this order, so it must be the same on every rank (a dict loaded from safetensors
         # comes in a different order in every process).
@@ -186,7 +187,7 @@ class TorchTrainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.torch_device)
         for x, y in micro_batches:
             w = x.size / total  # weight each micro-batch by its share of the tokens
-            with self._autocast():
+            with self.autocast():
                 loss = self._loss(self.params, _to_device(x, self.torch_device), _to_device(y, self.torch_device))
             (loss * w).backward()
             loss_sum += loss.detach() * w
@@ -201,7 +202,7 @@ class TorchTrainer:
     @torch.no_grad()
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
         x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)
-        with self._autocast():
+        with self.autocast():
             return float(self._loss_sum(self.params, x, y).item())
 
     def _eval_fn(self, kind: str, make):
@@ -221,7 +222,7 @@ class TorchTrainer:
 
         fn = self._eval_fn("token_losses", make)
         x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)
-        with self._autocast():
+        with self.autocast():
             return fn(self.params, x, y).float().cpu().numpy()
 
     @torch.no_grad()
@@ -232,7 +233,7 @@ class TorchTrainer:
             return lambda p, x: torch.log_softmax(logits(spec, p, x, dtype), dim=-1)
 
         fn = self._eval_fn("log_probs", make)
-        with self._autocast():
+        with self.autocast():
             return fn(self.params, _to_device(x, self.torch_device)).float().cpu().numpy()
 
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -288,7 +289,7 @@ class TorchTrainer:
         over ranks: a collective, every rank calls it with its own slice of the batches."""
         from backend_torch.hessian import collect_hessians
 
-        local = collect_hessians(self.spec, self.params, batches, self.dtype, self._autocast)
+        local = collect_hessians(self.spec, self.params, batches, self.dtype, self.autocast)
         return {name: self.all_reduce_sum(h) for name, h in local.items()}
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:

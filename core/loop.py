@@ -3,7 +3,7 @@ checkpoints and resume, SIGTERM/SIGINT, export.
 
 A backend provides (see `Backend`): train_step, eval_loss_sum, get_weights/set_weights,
 get_state/set_state (weights and flat optimizer state, for checkpoints), snapshot/restore, and
-all_reduce_sum/all_reduce_max (identity on one process). Everything else lives here, so both trainers
+all_reduce_sum/all_reduce_max (identity on one process), close. Everything else lives here, so both trainers
 run the same schedule and report the same numbers.
 """
 
@@ -34,6 +34,7 @@ from core.runlog import RunLog, TrainReport
 from core.schedule import lr_multiplier, muon_momentum
 from core.shards import TokenStream, open_train_stream, train_micro_batch
 from core.sliding import final_sliding_eval
+from core.spec import ModelSpec
 from core.weights import save_weights
 
 
@@ -42,6 +43,7 @@ class Backend(Protocol):
     rank: int
     world_size: int
     device: str
+    spec: ModelSpec  # the full model the backend was built for (set_depth trains a truncated view of it)
 
     def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr_scale: float, momentum: float) -> float: ...
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float: ...
@@ -67,6 +69,9 @@ class Backend(Protocol):
     def average_update(self, decay: float) -> None: ...
     def set_average(self, weights: dict[str, np.ndarray] | None) -> None: ...
     def get_average(self) -> dict[str, np.ndarray]: ...
+    # Release what the backend holds beyond the process (torch: leave the process group). Callers call it once,
+    # in a finally.
+    def close(self) -> None: ...
 
 
 def evaluate(backend: Backend, val_tokens: np.ndarray, seq_len: int, batch_tokens: int, luts: ByteLuts) -> tuple[float, float]:

@@ -27,11 +27,11 @@ def main() -> None:
     cfg = load_config(args.config)
     spec, t = cfg.model, cfg.train
     weights = init_weights(spec, t.seed)
-    fused = torch_trainer.TorchTrainer(spec, weights, t, cfg.optim, device="cpu")
+    fused = torch_trainer.TorchBackend(spec, weights, t, cfg.optim, device="cpu")
     chosen = torch_trainer.per_token_losses
     torch_trainer.per_token_losses = lambda compiled, dtype: token_losses  # the written-out loss, for arm B
     try:
-        plain = torch_trainer.TorchTrainer(spec, weights, t, cfg.optim, device="cpu")
+        plain = torch_trainer.TorchBackend(spec, weights, t, cfg.optim, device="cpu")
     finally:
         torch_trainer.per_token_losses = chosen
     rng = np.random.default_rng(0)

@@ -268,13 +268,13 @@ def trainer(backend: str, spec: ModelSpec, weights: dict[str, np.ndarray], seq_l
     train = TrainConfig(seq_len=seq_len, batch_tokens=seq_len, compute_dtype="float32")
     if backend == "mlx":
         pytest.importorskip("mlx.core")
-        from backend_mlx.trainer import MLXTrainer
+        from backend_mlx.trainer import MLXBackend
 
-        return MLXTrainer(spec, weights, train, OptimConfig())
+        return MLXBackend(spec, weights, train, OptimConfig())
     pytest.importorskip("torch")
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
 
-    return TorchTrainer(spec, weights, train, OptimConfig(), device="cpu")
+    return TorchBackend(spec, weights, train, OptimConfig(), device="cpu")
 
 
 class StandInBackend:
@@ -311,6 +311,9 @@ class StandInBackend:
 
     def all_reduce_max(self, value):
         return value
+
+    def close(self):
+        pass
 
 
 # ---- run directories and plots -----------------------------------------------------------------------

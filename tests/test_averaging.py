@@ -22,13 +22,13 @@ def make_trainer(backend: str):
     weights = init_weights(SPEC, 0)
     if backend == "mlx":
         pytest.importorskip("mlx.core")
-        from backend_mlx.trainer import MLXTrainer
+        from backend_mlx.trainer import MLXBackend
 
-        return MLXTrainer(SPEC, weights, TrainConfig(compute_dtype="float32"), OptimConfig())
+        return MLXBackend(SPEC, weights, TrainConfig(compute_dtype="float32"), OptimConfig())
     pytest.importorskip("torch")
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
 
-    return TorchTrainer(SPEC, weights, TrainConfig(compute_dtype="float32"), OptimConfig(), device="cpu")
+    return TorchBackend(SPEC, weights, TrainConfig(compute_dtype="float32"), OptimConfig(), device="cpu")
 
 
 def filled(value: float) -> dict[str, np.ndarray]:

@@ -430,12 +430,12 @@ def test_torch_parameters_keep_the_table_order_whatever_the_input_order():
     come in a different order in every process, so that order must not leak into the trainer (it did:
     two ranks resuming, or starting from --init, summed misaligned gradients)."""
     pytest.importorskip("torch")
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from core.params import param_table
 
     weights = init_weights(SPEC, 0)
     shuffled = {k: weights[k] for k in reversed(list(weights))}
-    t = TorchTrainer(SPEC, shuffled, CFG.train, CFG.optim, device="cpu")
+    t = TorchBackend(SPEC, shuffled, CFG.train, CFG.optim, device="cpu")
     assert list(t.params) == [info.name for info in param_table(SPEC)]
 
 

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 
 from backend_torch import compiled  # noqa: E402
 from backend_torch.compiled import compile_graph, dynamo_counts  # noqa: E402
-from backend_torch.trainer import TorchTrainer  # noqa: E402
+from backend_torch.trainer import TorchBackend  # noqa: E402
 from core import quant  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.depth import depth_schedule  # noqa: E402
@@ -50,7 +50,7 @@ def dynamo_only(monkeypatch):
 def build(config: str, sets=(), compile_setting: str = "on"):
     cfg = load_config(ROOT / "configs" / config, list(sets), small=True)
     train = dataclasses.replace(cfg.train, compile=compile_setting)
-    trainer = TorchTrainer(cfg.model, init_weights(cfg.model, cfg.train.seed), train, cfg.optim, device="cpu")
+    trainer = TorchBackend(cfg.model, init_weights(cfg.model, cfg.train.seed), train, cfg.optim, device="cpu")
     return cfg, trainer
 
 

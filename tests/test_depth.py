@@ -161,13 +161,13 @@ def test_the_loop_switches_depth_on_schedule(by, train, tmp_path, demo_data, mon
 # ---- real backends --------------------------------------------------------------------------------------
 
 def backends(spec, weights, cfg):
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
 
-    out = {"torch": TorchTrainer(spec, weights, cfg.train, cfg.optim, device="cpu")}
+    out = {"torch": TorchBackend(spec, weights, cfg.train, cfg.optim, device="cpu")}
     if pytest.importorskip("mlx.core"):
-        from backend_mlx.trainer import MLXTrainer
+        from backend_mlx.trainer import MLXBackend
 
-        out["mlx"] = MLXTrainer(spec, weights, cfg.train, cfg.optim)
+        out["mlx"] = MLXBackend(spec, weights, cfg.train, cfg.optim)
     return out
 
 
@@ -224,7 +224,7 @@ def test_one_loop_trains_without_cross_repeat_gradients():
 def test_resume_across_a_switch_is_bit_exact(tmp_path, demo_data):
     """A torch run checkpointed at step 3 (4 layers, the switch to 6 due at step 4) and resumed in a fresh
     trainer ends with the weights and val loss of the uninterrupted run."""
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from core.bpb import build_byte_luts
     from core.manifest import resolve_data
     from core.runlog import RunLog
@@ -238,7 +238,7 @@ def test_resume_across_a_switch_is_bit_exact(tmp_path, demo_data):
     val = load_val_tokens(data.val_files, 16)[:513]
 
     def trainer(out):
-        backend = TorchTrainer(cfg.model, init_weights(cfg.model, 0), cfg.train, cfg.optim, device="cpu")
+        backend = TorchBackend(cfg.model, init_weights(cfg.model, 0), cfg.train, cfg.optim, device="cpu")
         log = RunLog(out, echo=False, progress_bar=False)
         return core_loop.Trainer(cfg, backend, data.train_files, val, luts, log, out_dir=out)
 

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from backend_torch import model as torch_model  # noqa: E402
-from backend_torch.trainer import TorchTrainer  # noqa: E402
+from backend_torch.trainer import TorchBackend  # noqa: E402
 from core.artifact import load_quantized, read_artifact  # noqa: E402
 from core.config import OptimConfig, TrainConfig  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
@@ -31,7 +31,7 @@ def batches(n=3, batch=2, seq=16, vocab=64, seed=1):
 
 
 def torch_hessians(spec, weights, data):
-    return TorchTrainer(spec, weights, TRAIN, OptimConfig(), device="cpu").hessians(data)
+    return TorchBackend(spec, weights, TRAIN, OptimConfig(), device="cpu").hessians(data)
 
 
 def test_a_shared_block_hessian_is_the_sum_over_its_applications():
@@ -78,11 +78,11 @@ def test_hessian_of_a_query_projection_is_x_transpose_x_of_its_inputs():
 
 def test_mlx_and_torch_hessians_agree():
     pytest.importorskip("mlx.core")
-    from backend_mlx.trainer import MLXTrainer
+    from backend_mlx.trainer import MLXBackend
 
     weights, data = perturbed(SHARED, 4, init_seed=3), batches(seed=5)
     h_torch = torch_hessians(SHARED, weights, data)
-    h_mlx = MLXTrainer(SHARED, weights, TRAIN, OptimConfig()).hessians(data)
+    h_mlx = MLXBackend(SHARED, weights, TRAIN, OptimConfig()).hessians(data)
     assert set(h_mlx) == set(h_torch)
     for name, h in h_torch.items():
         # Both fp32 forwards (~1e-6 relative apart); MLX forms each product in fp32, torch in fp64.

@@ -135,9 +135,9 @@ def _plant_norm_eps(monkeypatch):
 
 def _plant_lossy_export(monkeypatch):
     """torch exports its weights through bf16: the numbers a run saves would not be the numbers it trained."""
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
 
-    monkeypatch.setattr(TorchTrainer, "get_weights", lambda self: {
+    monkeypatch.setattr(TorchBackend, "get_weights", lambda self: {
         k: v.detach().to(torch.bfloat16).float().numpy() for k, v in self.params.items()})
 
 
@@ -200,8 +200,8 @@ def test_artifact_sha256_identical_across_backends(tmp_path):
     """Weights loaded into each backend's trainer and exported back give the same artifact bytes, payload and
     compressed, for every codec. The vocabulary is widened so the tied embedding (> 65,536 values) takes
     the int8 path (quantile clip, fp16 scales), not only the fp16 passthrough."""
-    from backend_mlx.trainer import MLXTrainer
-    from backend_torch.trainer import TorchTrainer
+    from backend_mlx.trainer import MLXBackend
+    from backend_torch.trainer import TorchBackend
     from core import artifact
     from core.quant import ROLE_QUANTIZED, quantize_weights
 
@@ -209,8 +209,8 @@ def test_artifact_sha256_identical_across_backends(tmp_path):
     spec = cfg.model
     weights = parity.save_and_load(spec, parity.perturbed_weights(spec, SEED), tmp_path / "w.safetensors")
     exported = {
-        "mlx": MLXTrainer(spec, weights, cfg.train, cfg.optim).get_weights(),
-        "torch": TorchTrainer(spec, weights, cfg.train, cfg.optim, device="cpu").get_weights(),
+        "mlx": MLXBackend(spec, weights, cfg.train, cfg.optim).get_weights(),
+        "torch": TorchBackend(spec, weights, cfg.train, cfg.optim, device="cpu").get_weights(),
     }
     assert any(t.role == ROLE_QUANTIZED for t in quantize_weights(exported["torch"]).tensors.values())
     spec_json = spec.to_dict()

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backend_torch.trainer import TorchTrainer  # noqa: E402
+from backend_torch.trainer import TorchBackend  # noqa: E402
 from core.config import OptimConfig, TrainConfig  # noqa: E402
 from core.params import MATRIX, init_weights, param_table  # noqa: E402
 from core.schedule import muon_momentum  # noqa: E402
@@ -51,11 +51,11 @@ def run_steps(trainer, steps):
 @pytest.mark.slow
 def test_ten_steps_match_mlx():
     pytest.importorskip("mlx.core")
-    from backend_mlx.trainer import MLXTrainer
+    from backend_mlx.trainer import MLXBackend
 
     weights, steps = init_weights(SPEC, seed=7), synthetic_steps()
-    mlx_losses = run_steps(MLXTrainer(SPEC, weights, TRAIN, OPTIM), steps)
-    torch_trainer = TorchTrainer(SPEC, weights, TRAIN, OPTIM, device="cpu")
+    mlx_losses = run_steps(MLXBackend(SPEC, weights, TRAIN, OPTIM), steps)
+    torch_trainer = TorchBackend(SPEC, weights, TRAIN, OPTIM, device="cpu")
     torch_losses = run_steps(torch_trainer, steps)
     assert mlx_losses[-1] < mlx_losses[0] - 0.5  # it learns, so the comparison covers real updates
     # Both fp32; per-step rounding differs (matmul order, Newton-Schulz), ~1e-7 relative, and is carried
@@ -67,7 +67,7 @@ def test_ten_steps_match_mlx():
 
 def test_snapshot_restore_and_weights_roundtrip():
     weights, steps = init_weights(SPEC, seed=3), synthetic_steps(steps=3)
-    t = TorchTrainer(SPEC, weights, TRAIN, OPTIM, device="cpu")
+    t = TorchBackend(SPEC, weights, TRAIN, OPTIM, device="cpu")
     assert (t.rank, t.world_size, t.name) == (0, 1, "torch")
     t.train_step(steps[0], 1.0, 0.9)
     snap = t.snapshot()
@@ -138,8 +138,8 @@ def test_two_processes_agree_on_the_wallclock_stop(demo_data, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled bf16 path)")
 def test_cuda_compiled_bf16_step_tracks_cpu_fp32():
     weights, steps = init_weights(SPEC, seed=7), synthetic_steps(steps=5)
-    cpu = run_steps(TorchTrainer(SPEC, weights, TRAIN, OPTIM, device="cpu"), steps)
-    gpu = run_steps(TorchTrainer(SPEC, weights, TrainConfig(compute_dtype="auto"), OPTIM, device="cuda"), steps)
+    cpu = run_steps(TorchBackend(SPEC, weights, TRAIN, OPTIM, device="cpu"), steps)
+    gpu = run_steps(TorchBackend(SPEC, weights, TrainConfig(compute_dtype="auto"), OPTIM, device="cuda"), steps)
     # bf16 matmuls (8-bit mantissa) and bf16 Newton-Schulz: a looser band than fp32 parity.
     np.testing.assert_allclose(gpu, cpu, atol=5e-2, rtol=0)
 
@@ -151,7 +151,7 @@ def test_train_compile_setting_picks_the_compiled_path(monkeypatch):
     CPU takes 25-70 s, measured in docs/benchmarks.md)."""
     import dataclasses
 
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from core.config import TrainConfig, config_from_dict
     from core.errors import UserError
     from core.params import init_weights
@@ -163,7 +163,7 @@ def test_train_compile_setting_picks_the_compiled_path(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(fn) or fn)
     for setting, expect in (("auto", False), ("on", True), ("off", False)):
         compiled.clear()
-        TorchTrainer(cfg.model, weights, dataclasses.replace(cfg.train, compile=setting), cfg.optim, device="cpu")
+        TorchBackend(cfg.model, weights, dataclasses.replace(cfg.train, compile=setting), cfg.optim, device="cpu")
         assert bool(compiled) is expect, setting
     with pytest.raises(UserError, match="train.compile"):
         TrainConfig(compile="yes")

@@ -49,13 +49,13 @@ def build_backend(name: str, spec, weights, train, optim, **kwargs):
     if name == "mlx":
         import mlx.core as mx
 
-        from backend_mlx.trainer import MLXTrainer
+        from backend_mlx.trainer import MLXBackend
 
         mx.random.seed(train.seed)
-        return MLXTrainer(spec, weights, train, optim)
+        return MLXBackend(spec, weights, train, optim)
     import torch
 
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
 
     torch.manual_seed(train.seed)  # every rank the same: the noise perturbs replicated weights
-    return TorchTrainer(spec, weights, train, optim, **kwargs)
+    return TorchBackend(spec, weights, train, optim, **kwargs)

@@ -197,8 +197,7 @@ def bench(args) -> dict:
                     args, cfg, data, backend.name, hooks.dtype_name, result["step_ms"]["all"],
                     lambda: _timed_steps(backend, cfg, stream, args.steps)[0])
         finally:
-            if hasattr(backend, "close"):
-                backend.close()
+            backend.close()
     return result
 
 

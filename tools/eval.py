@@ -200,8 +200,7 @@ def run_eval(args) -> int:
     try:
         return _evaluate_and_report(args, backend, spec, source, data, luts, tokens, seq_len_from)
     finally:
-        if hasattr(backend, "close"):
-            backend.close()
+        backend.close()
 
 
 def _evaluate_and_report(args, backend, spec, source, data, luts, tokens, seq_len_from: str) -> int:

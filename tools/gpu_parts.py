@@ -87,7 +87,7 @@ def _observe(trainer, x, y, momentum: float) -> dict:
 def run_parity(part: dict) -> dict:
     torch, device = _torch(part)
     from backend_torch import model as tm
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from core.params import param_table
     from core.schedule import muon_momentum
     from core.tolerances import ADAM_GRAD_FLOOR, tolerance
@@ -101,7 +101,7 @@ def run_parity(part: dict) -> dict:
     momentum = muon_momentum(0, cfg.optim)
     # The reference: eager float32 on the CPU, and its gradients (Adam's rows leave out |g| ~ 0, as parity).
     cpu_train = dataclasses.replace(cfg.train, compute_dtype="float32", compile="off")
-    ref = _observe(TorchTrainer(spec, weights, cpu_train, cfg.optim, device="cpu"), x, y, momentum)
+    ref = _observe(TorchBackend(spec, weights, cpu_train, cfg.optim, device="cpu"), x, y, momentum)
     p = {k: torch.tensor(v, requires_grad=True) for k, v in weights.items()}
     tm.mean_loss(spec, p, torch.tensor(x), torch.tensor(y), torch.float32).backward()
     grads = {k: v.grad.numpy() for k, v in p.items() if v.grad is not None}
@@ -110,7 +110,7 @@ def run_parity(part: dict) -> dict:
     checks = []
     for dtype in ("float32", "bfloat16"):
         train = dataclasses.replace(cfg.train, compute_dtype=dtype, compile="on" if part["compile"] else "off")
-        trainer = TorchTrainer(spec, weights, train, cfg.optim, device=device)
+        trainer = TorchBackend(spec, weights, train, cfg.optim, device=device)
         if device.type == "cuda" and dtype == "float32":  # fp32 means fp32: no TF32 in matmuls or convolutions
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -153,7 +153,7 @@ def _stream(cfg, tmp: Path) -> TokenStream:
 def run_train(part: dict) -> dict:
     torch, device = _torch(part)
     from backend_torch.compiled import dynamo_counts
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from core.flops import flops_per_token
     from tools.bench import _timed_steps
     from tools.bench_hooks import hooks_for
@@ -161,7 +161,7 @@ def run_train(part: dict) -> dict:
     cfg = _config(part)
     t, spec = cfg.train, cfg.model
     compiles = _compiles(part, cfg)
-    backend = TorchTrainer(spec, init_weights(spec, t.seed), t, cfg.optim, device=device)
+    backend = TorchBackend(spec, init_weights(spec, t.seed), t, cfg.optim, device=device)
     hooks = hooks_for(backend)
     try:
         with tempfile.TemporaryDirectory(prefix="loopgolf-gpu-check-") as tmp:
@@ -222,7 +222,7 @@ def run_train(part: dict) -> dict:
 def run_depth(part: dict) -> dict:
     torch, device = _torch(part)
     from backend_torch.compiled import dynamo_counts
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from core.depth import depth_schedule
     from tools.bench import _timed_steps
 
@@ -233,7 +233,7 @@ def run_depth(part: dict) -> dict:
     t, spec = cfg.train, cfg.model
     compiles = _compiles(part, cfg)
     depths = sorted(set(schedule.layer_counts))
-    backend = TorchTrainer(spec, init_weights(spec, t.seed), t, cfg.optim, device=device)
+    backend = TorchBackend(spec, init_weights(spec, t.seed), t, cfg.optim, device=device)
     variants = []
     try:
         with tempfile.TemporaryDirectory(prefix="loopgolf-gpu-check-") as tmp:
@@ -281,7 +281,7 @@ def run_upstream(part: dict) -> dict:
     import argparse
 
     torch, device = _torch(part)
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from tools.bench import _timed_steps, resolve_bench_data
     from tools.bench_hooks import hooks_for
     from tools.bench_upstream import TORCH_UPSTREAM_ACCUM, check_upstream_comparable, compare_upstream
@@ -294,7 +294,7 @@ def run_upstream(part: dict) -> dict:
         raise UserError(f"--upstream {part['upstream']}: file not found")
     data, _ = resolve_bench_data(cfg, explicit=True, synthetic=False)
     t, spec = cfg.train, cfg.model
-    backend = TorchTrainer(spec, init_weights(spec, t.seed), t, cfg.optim, device=device)
+    backend = TorchBackend(spec, init_weights(spec, t.seed), t, cfg.optim, device=device)
     try:
         stream = TokenStream(data.train_files)
         _timed_steps(backend, cfg, stream, part["warmup"])

@@ -156,10 +156,10 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
 
     from backend_mlx import model as mm
     from backend_mlx import optim as mo
-    from backend_mlx.trainer import MLXTrainer
+    from backend_mlx.trainer import MLXBackend
     from backend_torch import model as tm
     from backend_torch import optim as to
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
     from core import artifact as art
     from core.quant import dequantize_weights
 
@@ -173,8 +173,8 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
 
     weights = save_and_load(spec, perturbed_weights(spec, seed), tmp / "parity.safetensors")
     progress("building both trainers")
-    mlx_tr = MLXTrainer(spec, weights, train, optim)
-    torch_tr = TorchTrainer(spec, weights, train, optim, device="cpu")
+    mlx_tr = MLXBackend(spec, weights, train, optim)
+    torch_tr = TorchBackend(spec, weights, train, optim, device="cpu")
     torch.set_num_threads(1)  # see _torch_threads_restored
     try:
         # What each backend holds, back at the numpy boundary (the artifact is built from these).
@@ -286,8 +286,7 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
         masks = {k: np.abs(g) >= floor * np.abs(g).max() for k, g in grads_np.items()}
         rows += _group_rows("train_step", table, weights, delta_m, delta_t, dtype, "step_muon", "step_adam", masks)
     finally:
-        if hasattr(torch_tr, "close"):
-            torch_tr.close()
+        torch_tr.close()
 
     # ---- the artifact ----
     progress("artifact")

@@ -255,6 +255,5 @@ def train(args, cfg: RunConfig, backend_name: str, nproc: int) -> int:
         )
     finally:
         log.close()
-        if hasattr(backend, "close"):
-            backend.close()  # torch: leave the process group
+        backend.close()  # torch: leave the process group
     return 0

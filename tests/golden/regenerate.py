@@ -64,19 +64,19 @@ def run_trajectory(backend: str, weights: dict[str, np.ndarray]) -> list[float]:
     if backend == "mlx":
         import mlx.core as mx
 
-        from backend_mlx.trainer import MLXTrainer
+        from backend_mlx.trainer import MLXBackend
 
         before = mx.default_device()
         mx.set_default_device(mx.cpu)
         try:
-            trainer = MLXTrainer(cfg.model, weights, cfg.train, cfg.optim)
+            trainer = MLXBackend(cfg.model, weights, cfg.train, cfg.optim)
             return [trainer.train_step(mbs, lr_multiplier(i, 0.0, cfg.train), muon_momentum(i, cfg.optim))
                     for i, mbs in enumerate(golden_batches())]
         finally:
             mx.set_default_device(before)
-    from backend_torch.trainer import TorchTrainer
+    from backend_torch.trainer import TorchBackend
 
-    trainer = TorchTrainer(cfg.model, weights, cfg.train, cfg.optim, device="cpu")
+    trainer = TorchBackend(cfg.model, weights, cfg.train, cfg.optim, device="cpu")
     return [trainer.train_step(mbs, lr_multiplier(i, 0.0, cfg.train), muon_momentum(i, cfg.optim))
             for i, mbs in enumerate(golden_batches())]
 
