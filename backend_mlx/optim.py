@@ -40,7 +40,7 @@ def normalize_rows(g: mx.array, eps: float = 1e-7) -> mx.array:
     return g / mx.maximum(mx.sqrt(mx.sum(g * g, axis=-1, keepdims=True)), eps)
 
 
-def init_state(spec: ModelSpec, params: dict) -> dict:
+def init_state(spec: ModelSpec) -> dict:
     """{"step": Adam's step count, "muon": {name: momentum}, "adam": {name: {"m", "v"}}}."""
     state = {"step": mx.array(0.0), "muon": {}, "adam": {}}
     for info in param_table(spec):

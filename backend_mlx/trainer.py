@@ -31,7 +31,7 @@ class MLXBackend:
         self.dtype = resolve_dtype(train.compute_dtype)
         self.device = f"{'metal' if mx.metal.is_available() else 'cpu'} ({str(self.dtype).split('.')[-1]})"
         self.params = {k: mx.array(v, dtype=mx.float32) for k, v in weights.items()}
-        self.state = init_state(spec, self.params)
+        self.state = init_state(spec)
         self._update_fn = make_update(spec, optim)
         self._update = mx.compile(self._update_fn)
         self._qat = None  # (plan, noise) while QAT is on: see set_qat

@@ -116,7 +116,7 @@ class TorchBackend:
         self._lr = torch.zeros((), dtype=torch.float32, device=self.torch_device)
         self._momentum = torch.zeros((), dtype=torch.float32, device=self.torch_device)
 
-    def _build_losses(self, spec: ModelSpec) -> tuple:
+    def _build_steps(self, spec: ModelSpec) -> tuple:
         dtype = self.dtype
         qat = self._qat  # QAT transforms the params before the model sees them (backend_torch/qat.py)
         train_view = (lambda p: fake_quant(p, qat[0], noise=qat[1])) if qat else (lambda p: p)
@@ -140,7 +140,7 @@ class TorchBackend:
         weights and optimizer state; each depth's compiled graphs are kept, so switching back costs nothing."""
         key = (layers, self._qat and id(self._qat))  # one compiled pair per depth and QAT setting
         if key not in self._depth_variants:
-            self._depth_variants[key] = self._build_losses(truncated_spec(self.spec, layers))
+            self._depth_variants[key] = self._build_steps(truncated_spec(self.spec, layers))
         self._loss, self._loss_sum = self._depth_variants[key]
         self.layers = layers
 

@@ -149,7 +149,12 @@ def reference_logits(spec, w, tokens):
     for layer, blk in enumerate(plan):
         p = f"blocks.{blk}."
         if layer >= enc and skips:
-            x = x + w["skip_weights"][layer - enc] * skips.pop()
+            skip = w["skip_weights"][layer - enc] * skips.pop()
+            if spec.skip_gates:  # #1394: torch.lerp(skip, x, sigmoid(g)) = (1 - sigma) skip + sigma x
+                sigma = 1 / (1 + np.exp(-w["skip_gates"][layer - enc]))
+                x = (1 - sigma) * skip + sigma * x
+            else:
+                x = x + skip
         if spec.loop_embeds and (layer == 0 or loop[layer] != loop[layer - 1]):
             x = x + w["loop_embeds"][loop[layer]]
         h = w["layer_in_gains"][layer] * x if spec.layer_gains else x
@@ -172,8 +177,11 @@ def reference_logits(spec, w, tokens):
             extra.append(1 / (1 + np.exp(-w["vrl_alphas"][layer - 1])) * v0)
         out, v_raw = attn(p + "attn.", rms(u) * f, layer >= len(plan) - spec.xsa_last_n, extra)
         v0 = v_raw if layer == 0 else v0
-        u = u + a * out
-        u = u + m * mlp(p + "mlp.", rms(u) * f)
+        if blk in [int(t) for t in spec.parallel_blocks.split(",") if t]:  # #1493: both read the mixed input
+            u = u + a * out + m * mlp(p + "mlp.", rms(u) * f)
+        else:
+            u = u + a * out
+            u = u + m * mlp(p + "mlp.", rms(u) * f)
         if spec.iter_scales:
             u = h + (u - h) * w["iter_scales"][layer]
         x = x + w["layer_out_gains"][layer] * (u - h) if spec.layer_gains else u
@@ -243,13 +251,13 @@ def one_step_in_both(spec: ModelSpec, w: dict[str, np.ndarray], mlx_grads: dict,
     from core.config import OptimConfig
 
     optim = optim or OptimConfig()
-    for state in (mlx_init_state(spec, {}), torch_init_state(spec)):
+    for state in (mlx_init_state(spec), torch_init_state(spec)):
         for info in param_table(spec):
             assert (info.name in state["muon"]) + (info.name in state["adam"]) == 1, info.name
             assert (info.name in state["adam"]) == (info.group != "matrix"), info.name
     mp = {k: mx.array(v) for k, v in w.items()}
     mlx_grads = {k: mx.array(np.asarray(v)) for k, v in mlx_grads.items()}
-    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec, mp), mlx_grads, mx.array(1.0), mx.array(0.95))
+    mp2, _ = mlx_make_update(spec, optim)(mp, mlx_init_state(spec), mlx_grads, mx.array(1.0), mx.array(0.95))
     tp = {k: torch.tensor(v) for k, v in w.items()}
     torch_grads = {k: torch.as_tensor(np.asarray(v)) for k, v in torch_grads.items()}
     torch_make_update(spec, optim)(tp, torch_init_state(spec), torch_grads, torch.tensor(1.0), torch.tensor(0.95))

@@ -34,7 +34,7 @@ MOMENTUM, LR_SCALE = 0.9, 0.7
 def one_update(backend: str, optim: OptimConfig, w: dict, g: dict) -> dict:
     if backend == "mlx":
         p = {k: mx.array(v) for k, v in w.items()}
-        p, _ = mlx_make_update(SPEC, optim)(p, mlx_init_state(SPEC, p), {k: mx.array(v) for k, v in g.items()},
+        p, _ = mlx_make_update(SPEC, optim)(p, mlx_init_state(SPEC), {k: mx.array(v) for k, v in g.items()},
                                             mx.array(LR_SCALE), mx.array(MOMENTUM))
         return {k: np.array(v, np.float64) for k, v in p.items()}
     p = {k: torch.tensor(v) for k, v in w.items()}

@@ -256,7 +256,7 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
                                 ("update+row_norm", dataclasses.replace(optim, muon_row_normalize=True))):
                 momentum = muon_momentum(0, opt)
                 p_m = {k: M(v) for k, v in weights.items()}
-                p_m, _ = mo.make_update(spec, opt)(p_m, mo.init_state(spec, p_m), {k: M(v) for k, v in grads_np.items()},
+                p_m, _ = mo.make_update(spec, opt)(p_m, mo.init_state(spec), {k: M(v) for k, v in grads_np.items()},
                                                    mx.array(1.0), mx.array(momentum))
                 p_t = {k: T(v) for k, v in weights.items()}
                 to.make_update(spec, opt)(p_t, to.init_state(spec), {k: T(v) for k, v in grads_np.items()},
