@@ -78,8 +78,9 @@ def mlp(p: dict, prefix: str, x: mx.array, activation: str = "relu2") -> mx.arra
 def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: int | None = None,
           v_embed: mx.array | None = None, v_residual: mx.array | None = None, v_first: dict | None = None) -> mx.array:
     """Block b on x. With spec.per_layer_scales, effective layer `layer`'s scales and resid_mix replace the
-    block's own; with spec.ln_scale its normed inputs are scaled by 1/sqrt(b + 1). The v_* arguments go to
-    attention."""
+    block's own; with spec.ln_scale its normed inputs are scaled by 1/sqrt(b + 1); a block of
+    spec.parallel_blocks runs attention and MLP on the same input (core.spec's record parts). The v_* arguments
+    go to attention."""
     prefix = f"blocks.{b}."
     if spec.per_layer_scales:
         mix = p["layer_resid_mixes"][layer].astype(x.dtype)
@@ -92,7 +93,11 @@ def block(spec: ModelSpec, p: dict, b: int, x: mx.array, x0: mx.array, layer: in
     h = rms_norm(x, spec.norm_eps)
     if spec.ln_scale:
         h = h * spec.ln_scale_factor(b)
-    x = x + attn_scale.astype(x.dtype) * attention(spec, p, prefix + "attn.", h, use_xsa, v_embed, v_residual, v_first)
+    attn_out = attention(spec, p, prefix + "attn.", h, use_xsa, v_embed, v_residual, v_first)
+    if spec.parallel_blocks and b in spec.parallel_block_list:  # #1493: the MLP reads the same normed input
+        mlp_out = mlp(p, prefix + "mlp.", h, spec.mlp_activation)
+        return x + attn_scale.astype(x.dtype) * attn_out + mlp_scale.astype(x.dtype) * mlp_out
+    x = x + attn_scale.astype(x.dtype) * attn_out
     h = rms_norm(x, spec.norm_eps)
     if spec.ln_scale:
         h = h * spec.ln_scale_factor(b)
@@ -193,7 +198,12 @@ def hidden_states(spec: ModelSpec, p: dict, tokens: mx.array, dtype=mx.float32,
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].astype(dtype)
-            x = x + skip_w * skips.pop()
+            skip = skip_w * skips.pop()
+            if spec.skip_gates:  # #1394: lerp(skip, x, sigmoid(g)), written out the same in both backends
+                gate = mx.sigmoid(p["skip_gates"][layer - spec.num_encoder_layers].astype(dtype))
+                x = skip + gate * (x - skip)
+            else:
+                x = x + skip
         x = layer_step(spec, p, layer, x, x0, dtype, prev_out, ve)
         if collect is not None:
             collect.append(x)

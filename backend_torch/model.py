@@ -87,8 +87,9 @@ def mlp(p: dict, prefix: str, x: torch.Tensor, activation: str = "relu2") -> tor
 def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, layer: int | None = None,
           v_embed: torch.Tensor | None = None, v_residual: torch.Tensor | None = None, v_first: dict | None = None) -> torch.Tensor:
     """Block b on x. With spec.per_layer_scales, effective layer `layer`'s scales and resid_mix replace the
-    block's own; with spec.ln_scale its normed inputs are scaled by 1/sqrt(b + 1). The v_* arguments go to
-    attention."""
+    block's own; with spec.ln_scale its normed inputs are scaled by 1/sqrt(b + 1); a block of
+    spec.parallel_blocks runs attention and MLP on the same input (core.spec's record parts). The v_* arguments
+    go to attention."""
     prefix = f"blocks.{b}."
     if spec.per_layer_scales:
         mix = p["layer_resid_mixes"][layer].to(x.dtype)
@@ -101,7 +102,11 @@ def block(spec: ModelSpec, p: dict, b: int, x: torch.Tensor, x0: torch.Tensor, l
     h = rms_norm(x, spec.norm_eps)
     if spec.ln_scale:
         h = h * spec.ln_scale_factor(b)
-    x = x + attn_scale.to(x.dtype) * attention(spec, p, prefix + "attn.", h, use_xsa, v_embed, v_residual, v_first)
+    attn_out = attention(spec, p, prefix + "attn.", h, use_xsa, v_embed, v_residual, v_first)
+    if spec.parallel_blocks and b in spec.parallel_block_list:  # #1493: the MLP reads the same normed input
+        mlp_out = mlp(p, prefix + "mlp.", h, spec.mlp_activation)
+        return x + attn_scale.to(x.dtype) * attn_out + mlp_scale.to(x.dtype) * mlp_out
+    x = x + attn_scale.to(x.dtype) * attn_out
     h = rms_norm(x, spec.norm_eps)
     if spec.ln_scale:
         h = h * spec.ln_scale_factor(b)
@@ -202,7 +207,12 @@ def hidden_states(spec: ModelSpec, p: dict, tokens: torch.Tensor, dtype=torch.fl
     for layer, b in enumerate(spec.layer_plan):
         if layer >= spec.num_encoder_layers and skips:
             skip_w = p["skip_weights"][layer - spec.num_encoder_layers].to(dtype)
-            x = x + skip_w * skips.pop()
+            skip = skip_w * skips.pop()
+            if spec.skip_gates:  # #1394: lerp(skip, x, sigmoid(g)), written out the same in both backends
+                gate = torch.sigmoid(p["skip_gates"][layer - spec.num_encoder_layers].to(dtype))
+                x = skip + gate * (x - skip)
+            else:
+                x = x + skip
         x = layer_step(spec, p, layer, x, x0, dtype, prev_out, ve)
         if collect is not None:
             collect.append(x)

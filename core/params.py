@@ -113,6 +113,8 @@ def param_table(spec: ModelSpec) -> list[ParamInfo]:
         table.append(ParamInfo("cross_repeat_scales", (spec.num_blocks, R - 1, d), "zeros", SCALAR))
     if spec.num_skip_weights:
         table.append(ParamInfo("skip_weights", (spec.num_skip_weights, d), "ones", SCALAR))
+        if spec.skip_gates:  # #1394's sigmoid gates, one row per skip weight (sigmoid(0) = 1/2 at init)
+            table.append(ParamInfo("skip_gates", (spec.num_skip_weights, d), "zeros", SCALAR))
     if not spec.tie_embeddings:
         table.append(ParamInfo("lm_head.weight", (v, d), "zeros", HEAD))
     if spec.ortho_init:

@@ -53,7 +53,7 @@ CLIP_QUANTILE = 99.99984 / 100.0  # written as upstream writes it (INT8_CLIP_PER
 INT8_MAX = 127
 CONTROL_NAME_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-    "q_gain", "skip_weight", "skip_weights",
+    "q_gain", "skip_weight", "skip_weights", "skip_gates",  # skip_gates (#1394) as skip_weights: fp32 here
     # Per-iteration conditioning (core.params; layer_attn_scales, layer_mlp_scales and layer_resid_mixes
     # already match the patterns above). #319 kept its loop embeddings and gates fp32 the same way.
     "iter_embeds", "loop_embeds", "iter_scales", "layer_in_gains", "layer_out_gains", "loop_gates",

@@ -80,6 +80,9 @@ class ModelSpec:
     ln_scale: bool = False  # #1110: the block's normed attention and MLP inputs times 1/sqrt(block + 1)
     ortho_init: bool = False  # #1110: orthogonal init of the matrices >= 64 x 64; ".proj." ones / sqrt(2 K)
     resid_mix_phase: bool = False  # #1110: block b's resid_mix starts at [phase_b, 1 - phase_b] (see below)
+    # The recurrent records' parts (#1394, #1493; all off by default, see `record parts` below).
+    parallel_blocks: str = ""  # #1493: physical blocks whose attention and MLP read one input, e.g. "7,8,9,10"
+    skip_gates: bool = False  # #1394: skip_gates (skips, d) init 0: x = lerp(skip_weights[j] * skip, x, sigmoid(g_j))
 
     def __post_init__(self):
         object.__setattr__(self, "layer_plan", tuple(int(i) for i in self.layer_plan))
@@ -153,6 +156,7 @@ class ModelSpec:
         if self.bigram_dim < 1:
             raise UserError(f"model.bigram_dim = {self.bigram_dim}: expected a positive integer")
         self._check_seed_parts()
+        self._check_record_parts()
         if self.cross_repeat_skips and self.num_loops < 2:
             raise UserError(
                 "model.cross_repeat_skips = true needs a plan that runs some block more than once"
@@ -178,12 +182,7 @@ class ModelSpec:
                 raise UserError(f"model.{name} = {getattr(self, name)}: expected 0 (off) or a positive integer")
         if self.ve_dim < 1:
             raise UserError(f"model.ve_dim = {self.ve_dim}: expected a positive integer")
-        text = self.ve_layers.replace(",", " ").split()
-        if not all(t.isdigit() and len(t) <= len(str(MAX_LAYERS)) for t in text):  # int() of 4300+ digits raises
-            raise UserError(f"model.ve_layers = {self.ve_layers[:40]!r}: expected effective layer indices, e.g. '9,10'")
-        layers = sorted({int(t) for t in text})
-        if len(layers) != len(text):
-            raise UserError(f"model.ve_layers = {self.ve_layers!r} names a layer twice")
+        layers = _indices(self.ve_layers, "model.ve_layers", "effective layer", "9,10")
         # Canonical form, so equal specs compare (and serialise) equal (core.depth.truncated_spec drops the
         # layers a truncated plan no longer has).
         object.__setattr__(self, "ve_layers", ",".join(map(str, layers)))
@@ -195,6 +194,15 @@ class ModelSpec:
         if self.resid_mix_phase and self.per_layer_scales:
             raise UserError("model.resid_mix_phase = true initialises the blocks' own resid_mix, which "
                             "model.per_layer_scales = true replaces; switch one off")
+
+    def _check_record_parts(self) -> None:
+        blocks = _indices(self.parallel_blocks, "model.parallel_blocks", "physical block", "7,8,9,10")
+        object.__setattr__(self, "parallel_blocks", ",".join(map(str, blocks)))  # canonical, as ve_layers
+        if blocks and blocks[-1] >= self.num_blocks:
+            raise UserError(f"model.parallel_blocks = {self.parallel_blocks!r}: block {blocks[-1]} is past the "
+                            f"model's {self.num_blocks} blocks (0..{self.num_blocks - 1})")
+        if self.skip_gates and not self.unet_skips:
+            raise UserError("model.skip_gates = true gates the U-Net skips, which model.unet_skips = false removes")
 
     def _check_sizes(self) -> None:
         """Refuse shapes whose training state or activations no machine holds, from the parameter table and
@@ -352,6 +360,21 @@ class ModelSpec:
         """The effective layers whose V gets the shared value embedding (model.ve_layers), ascending."""
         return tuple(int(t) for t in self.ve_layers.split(",") if t)
 
+    # Record parts (#1394, #1493). Block b with x_in = resid_mix[0] x + resid_mix[1] x0 (its input after the mix)
+    # and s = ln_scale_factor(b):
+    #   sequential:             h = x_in + attn_scale * attn(N(x_in) s);  out = h + mlp_scale * mlp(N(h) s)
+    #   b in parallel_blocks:   out = x_in + attn_scale * attn(N(x_in) s) + mlp_scale * mlp(N(x_in) s)
+    # (#1493's GPT-J-style parallel residual: one stream, no parameters), per physical block, so at every layer
+    # the plan runs b. skip_gates, at decoder layer l with j = l - num_encoder_layers (the U-Net line above):
+    #   x = lerp(w_j skip, x, sigmoid(g_j)) = w_j skip + sigmoid(g_j) (x - w_j skip)
+    # with skip_gates g (num_skip_weights, d) init 0: half of each at step 0, the records' own init (not the
+    # identity). The records' per-layer norm scale 1/sqrt(physical layer + 1) is ln_scale (#1110's, by block
+    # index, so a repeated block keeps its own), and their QK_GAIN_INIT is qk_gain_init (q_gain per head).
+    @property
+    def parallel_block_list(self) -> tuple[int, ...]:
+        """The physical blocks with a parallel residual (model.parallel_blocks), ascending."""
+        return tuple(int(t) for t in self.parallel_blocks.split(",") if t)
+
     @property
     def num_loop_gates(self) -> int:
         """loop_gates' length: one per loop, or one per loop after the first with loop_gate_style 'seed319'."""
@@ -445,12 +468,26 @@ class ModelSpec:
                 (self.bigram_table_size, f"bigram table {self.bigram_table_size}"),
                 (self.ve_layers, f"VE into V at {self.ve_layers}"), (self.value_residual, "VRL"),
                 (self.ln_scale, "ln_scale"), (self.loop_gate_style != "every_loop", f"gates {self.loop_gate_style}"),
-                (self.ortho_init, "orthogonal init"), (self.resid_mix_phase, "resid_mix phase init")) if on)
+                (self.ortho_init, "orthogonal init"), (self.resid_mix_phase, "resid_mix phase init"),
+                (self.parallel_blocks, f"parallel blocks {self.parallel_blocks}"), (self.skip_gates, "skip gates"))
+                if on)
         )
 
 
 def _size(n: int) -> str:
     return f"{n / 2**40:,.1f} TiB" if n >= 2**40 else f"{n / 2**30:,.1f} GiB"
+
+
+def _indices(text: str, key: str, what: str, example: str) -> list[int]:
+    """The distinct indices of a string key like model.ve_layers ("9,10" or "9 10"), ascending."""
+    parts = text.replace(",", " ").split()
+    # ASCII digits only ('²'.isdigit() holds, int() refuses it), and no int() of 4300+ digits (it raises).
+    if not all(t.isascii() and t.isdigit() and len(t) <= len(str(MAX_LAYERS)) for t in parts):
+        raise UserError(f"{key} = {text[:40]!r}: expected {what} indices, e.g. {example!r}")
+    indices = sorted({int(t) for t in parts})
+    if len(indices) != len(parts):
+        raise UserError(f"{key} = {text!r} names a {what.split()[-1]} twice")
+    return indices
 
 
 def _check_layers(n: int, key: str) -> None:

@@ -39,6 +39,9 @@ ATTENTION_AND_INPUTS = {"q_rank": 8, "rope_dims": 6, "rope_train_seq_len": 8, "x
                         "bigram_dim": 8, "smear_gate": True, "value_embeds": 2}
 SEED_PARTS = {"bigram_table_size": 32, "ve_layers": "1,4", "ve_dim": 8, "value_residual": True, "ln_scale": True,
               "loop_gates": True, "loop_gate_style": "seed319", "resid_mix_phase": True}
+# The recurrent records' stack (#1394, #1493) in small: block 1 (a repeated block in both plans) parallel.
+RECORDS = {"parallel_blocks": "1", "skip_gates": True, "ln_scale": True, "mlp_activation": "leaky_relu2",
+           "xsa_last_n": 6, "rope_dims": 4, "qk_gain_init": 5.25}
 VARIANTS = {
     "plain": {},
     "untied": {"tie_embeddings": False},
@@ -70,16 +73,23 @@ VARIANTS = {
     # the seeds' remaining parts (tests/test_seed_parts.py)
     **SEED_PART_OPTIONS,
     "seed_parts": SEED_PARTS,
+    # the recurrent records' parts (tests/test_record_parts.py)
+    "parallel": {"parallel_blocks": "1"},
+    "parallel_all": {"parallel_blocks": "0,1"},
+    "skip_gates": {"skip_gates": True},
+    "records": RECORDS,
     # all at once (the phase init and per-layer scales exclude each other; #319's gates replace the others)
     "everything": {**BLOCKS, **ATTENTION_AND_INPUTS, **{k: v for k, v in CONDITIONING.items() if k != "loop_gate_init"},
-                   **{k: v for k, v in SEED_PARTS.items() if k != "resid_mix_phase"}, "tie_embeddings": False},
+                   **{k: v for k, v in SEED_PARTS.items() if k != "resid_mix_phase"}, "tie_embeddings": False,
+                   "parallel_blocks": "1"},  # no skip gates: BLOCKS has no U-Net
 }
 # Options that change only the initial values: the same weights give the same function as the plain model.
 INIT_ONLY = {"phase"}
 # Options that change the shapes of tensors the plain model has: no liveness check against it.
 RESHAPING = {"hidden", "q_rank", "blocks", "blocks+conditioning", "attention+inputs", "everything"}
 # The families: together they hold every tensor any option adds.
-FAMILIES = ("plain", "untied", "conditioning", "blocks+conditioning", "attention+inputs", "seed_parts", "everything")
+FAMILIES = ("plain", "untied", "conditioning", "blocks+conditioning", "attention+inputs", "seed_parts", "records",
+            "everything")
 EXTRA_PLANS = {"plain": ("flat3", "flat5", "0 1 1 0 1"), "untied": ("flat3",)}  # flat5: the last layer gets no skip
 CASES = [(v, p) for v in VARIANTS for p in PLANS + EXTRA_PLANS.get(v, ())]
 BACKENDS = {"mlx": backend_mlx, "torch": backend_torch}
@@ -137,7 +147,7 @@ def test_the_reference_depends_on_the_option(variant):
 # Tables with one row per effective layer, per loop or per use (a wrong index would leave a row untrained).
 PER_ROW = {"iter_embeds", "loop_embeds", "layer_attn_scales", "layer_mlp_scales", "layer_resid_mixes", "iter_scales",
            "layer_in_gains", "layer_out_gains", "loop_gates", "value_scales", "vrl_alphas", "ve_layer_scales",
-           "skip_weights"}
+           "skip_weights", "skip_gates"}
 
 
 @pytest.mark.parametrize("variant,plan", [(v, p) for v in FAMILIES for p in PLANS])
