@@ -143,6 +143,15 @@ class MLXBackend:
         fn = self._eval_fn("token_losses", make)
         return np.array(fn(self.params, mx.array(x), mx.array(y)), dtype=np.float32)
 
+    def ttt_optimizer(self, momentum: float, grad_clip: float):
+        """Score-first TTT's SGD over every weight (core/ttt.py) at the active depth."""
+        from backend_mlx.ttt import TTTOptimizer
+
+        def make(spec, dtype):
+            return lambda p, x, y: token_losses(spec, p, x, y, dtype)
+
+        return TTTOptimizer(self, momentum, grad_clip, self._eval_fn("ttt_token_losses", make))
+
     def eval_log_probs(self, x: np.ndarray) -> np.ndarray:
         """Log-softmax of the soft-capped logits, float32 (batch, seq, vocab): the neural expert's full
         distribution (for checks; the Hedge eval needs only the targets' losses)."""

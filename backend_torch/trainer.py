@@ -225,6 +225,16 @@ class TorchBackend:
         with self.autocast():
             return fn(self.params, x, y).float().cpu().numpy()
 
+    def ttt_optimizer(self, momentum: float, grad_clip: float):
+        """Score-first TTT's SGD over every weight (core/ttt.py), eager at the active depth."""
+        from backend_torch.ttt import TTTOptimizer
+
+        def make(spec, dtype):
+            per_token = per_token_losses(False, dtype)
+            return lambda p, x, y: per_token(spec, p, x, y, dtype)
+
+        return TTTOptimizer(self, momentum, grad_clip, self._eval_fn("ttt_token_losses", make))
+
     @torch.no_grad()
     def eval_log_probs(self, x: np.ndarray) -> np.ndarray:
         """Log-softmax of the soft-capped logits, float32 (batch, seq, vocab): the neural expert's full

@@ -234,6 +234,14 @@ class EvalConfig:
     batch_seqs: int = 32  # windows per forward batch
     hedge: bool = False  # also report the Hedge mixer's bpb (#895, without its entropy expert), never instead
     hedge_eta: float = 0.1  # the Hedge rule's learning rate (#895)
+    # Score-first test-time training (#1493, core/ttt.py): reported beside the sliding bpb; needs stride > 0.
+    ttt: bool = False
+    ttt_chunk_tokens: int = 32768  # targets per chunk: each is scored, then trained on
+    ttt_epochs: int = 3  # passes over each chunk
+    ttt_lr: float = 0.005  # SGD learning rate at the first chunk, cosine to 0 at the last
+    ttt_momentum: float = 0.9
+    ttt_grad_clip: float = 1.0  # global gradient norm; 0: no clipping
+    ttt_batch_seqs: int = 32  # training sequences per rank per step
 
     def __post_init__(self):
         for key in ("stride", "seq_len"):
@@ -246,6 +254,17 @@ class EvalConfig:
         if self.hedge and self.stride <= 0:
             raise UserError("eval.hedge = true needs eval.stride > 0: the mixer runs over the sliding windows "
                             "(eval.stride = eval.seq_len gives the standard non-overlapping ones)")
+        for key in ("ttt_chunk_tokens", "ttt_epochs", "ttt_batch_seqs"):
+            if getattr(self, key) < 1:
+                raise UserError(f"eval.{key} = {getattr(self, key)}: expected a positive integer")
+        for key in ("ttt_lr", "ttt_grad_clip"):
+            if not getattr(self, key) >= 0:
+                raise UserError(f"eval.{key} = {getattr(self, key)}: expected 0 or more")
+        if not 0 <= self.ttt_momentum < 1:
+            raise UserError(f"eval.ttt_momentum = {self.ttt_momentum}: expected a number in [0, 1)")
+        if self.ttt and self.stride <= 0:
+            raise UserError("eval.ttt = true needs eval.stride > 0: each chunk is scored by the sliding windows "
+                            "(the record: eval.stride = 64)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +309,9 @@ class RunConfig:
         if self.eval.stride > window:
             raise UserError(f"eval.stride = {self.eval.stride} is longer than the sliding window (eval.seq_len, or "
                             f"train.seq_len when 0: {window}); the targets between windows would go unscored")
+        if self.eval.ttt and self.eval.ttt_chunk_tokens < window:
+            raise UserError(f"eval.ttt_chunk_tokens = {self.eval.ttt_chunk_tokens} is shorter than the sliding window "
+                            f"(eval.seq_len, or train.seq_len when 0: {window}): a chunk must hold a training sequence")
 
     def to_toml(self) -> str:
         """The resolved config, written into every run directory."""
