@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from core.config import OptimConfig, TrainConfig
-from core.depth import truncated_spec
+from core.depth import DepthVariant, depth_variant
 from core.spec import ModelSpec
 from backend_mlx.model import logits, mean_loss, token_losses
 from backend_mlx.optim import init_state, make_update
@@ -19,6 +19,24 @@ def resolve_dtype(name: str):
         # bf16 on Metal; on CPU fp32, since MLX's CPU bf16 matrix products get no BLAS.
         return mx.bfloat16 if mx.metal.is_available() else mx.float32
     return {"float32": mx.float32, "bfloat16": mx.bfloat16}[name]
+
+
+def rows_view(rows):
+    """The weights as a depth stage reads them (core.depth.DepthVariant.rows): each listed table cut to the
+    stage's rows with constant indices, a slice where they run in order; the gradients go back into the full
+    tables, and mx.compile sees static indices."""
+    if not rows:
+        return lambda p: p
+
+    def view(p):
+        p = dict(p)
+        for name, index in rows:
+            start = index[0]
+            contiguous = index == tuple(range(start, start + len(index)))
+            p[name] = p[name][start:start + len(index)] if contiguous else p[name][mx.array(list(index))]
+        return p
+
+    return view
 
 
 class MLXBackend:
@@ -37,15 +55,16 @@ class MLXBackend:
         self._qat = None  # (plan, noise) while QAT is on: see set_qat
         self._qat_settings: dict = {}  # (scheme, noise) -> (plan, noise), each built once
         self._eval_fns: dict = {}  # (kind, layers) -> eval function, built on first use
+        self._depth_schedule = train.depth_schedule  # the stages set_depth switches between (core.depth)
         self._average = None  # the EMA, on the device: see average_update
         self._depth_variants: dict[tuple, tuple] = {}  # (layers, QAT setting) -> (fused, grad, loss_sum), compiled once
         self.set_depth(spec.num_layers)
 
-    def _build_steps(self, spec: ModelSpec) -> tuple:
-        dtype, update = self.dtype, self._update_fn
-        qat = self._qat  # QAT transforms the params before the model sees them (backend_mlx/qat.py)
-        train_view = (lambda p: fake_quant(p, qat[0], noise=qat[1])) if qat else (lambda p: p)
-        eval_view = (lambda p: fake_quant(p, qat[0])) if qat else (lambda p: p)
+    def _build_steps(self, variant: DepthVariant) -> tuple:
+        dtype, update, spec, rows = self.dtype, self._update_fn, variant.spec, rows_view(variant.rows)
+        qat = self._qat  # QAT transforms the full params, then the stage takes its rows (backend_mlx/qat.py)
+        train_view = (lambda p: rows(fake_quant(p, qat[0], noise=qat[1]))) if qat else rows
+        eval_view = (lambda p: rows(fake_quant(p, qat[0]))) if qat else rows
         loss_and_grad = mx.value_and_grad(lambda p, x, y: mean_loss(spec, train_view(p), x, y, dtype))
 
         def fused_step(params, state, x, y, lr_scale, momentum):
@@ -61,11 +80,12 @@ class MLXBackend:
                 mx.compile(lambda p, x, y: token_losses(spec, eval_view(p), x, y, dtype).sum()))
 
     def set_depth(self, layers: int) -> None:
-        """Train and evaluate the first `layers` effective layers (core.depth.truncated_spec) over the same
-        weights and optimizer state (a tensor the depth never reads gets a zero gradient)."""
+        """Train and evaluate the depth schedule's stage of `layers` effective layers (core.depth.depth_variant:
+        the first `layers` layers, or an earlier plan reading its rows of the full tables) over the same weights
+        and optimizer state (a tensor the depth never reads gets a zero gradient)."""
         key = (layers, self._qat and id(self._qat))  # one compiled set per depth and QAT setting
         if key not in self._depth_variants:
-            self._depth_variants[key] = self._build_steps(truncated_spec(self.spec, layers))
+            self._depth_variants[key] = self._build_steps(depth_variant(self.spec, layers, self._depth_schedule))
         self._fused, self._grad, self._loss_sum = self._depth_variants[key]
         self.layers = layers
 
@@ -132,7 +152,9 @@ class MLXBackend:
         """An eval function for the active depth, built (and compiled) on first use."""
         cache, layers = self._eval_fns, self.layers
         if (kind, layers) not in cache:
-            cache[kind, layers] = make(truncated_spec(self.spec, layers), self.dtype)
+            variant = depth_variant(self.spec, layers, self._depth_schedule)
+            fn, rows = make(variant.spec, self.dtype), rows_view(variant.rows)
+            cache[kind, layers] = (lambda p, *args: fn(rows(p), *args)) if variant.rows else fn
         return cache[kind, layers]
 
     def eval_token_losses(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from backend_torch.optim import init_state, make_update, muon_owners
 from backend_torch.qat import fake_quant
 from core.fakequant import fake_quant_plan
 from core.config import OptimConfig, TrainConfig
-from core.depth import truncated_spec
+from core.depth import DepthVariant, depth_variant
 from core.params import param_table
 from core.spec import ModelSpec
 
@@ -69,6 +69,24 @@ def _clone(tree):
     return tree.detach().clone()
 
 
+def rows_view(rows):
+    """The weights as a depth stage reads them (core.depth.DepthVariant.rows): each listed table cut to the
+    stage's rows with constant indices, a slice where they run in order; autograd sends the gradients back
+    into the full tables, and torch.compile sees static indices."""
+    if not rows:
+        return lambda p: p
+
+    def view(p):
+        p = dict(p)
+        for name, index in rows:
+            start = index[0]
+            contiguous = index == tuple(range(start, start + len(index)))
+            p[name] = p[name][start:start + len(index)] if contiguous else p[name][list(index)]
+        return p
+
+    return view
+
+
 def _copy_into(dst, src) -> None:
     for k, v in src.items():
         if isinstance(v, dict):
@@ -110,17 +128,18 @@ class TorchBackend:
         self._qat = None  # (plan, noise) while QAT is on: see set_qat
         self._qat_settings: dict = {}  # (scheme, noise) -> (plan, noise), each built once
         self._eval_fns: dict = {}  # (kind, layers) -> eval function, built on first use
+        self._depth_schedule = train.depth_schedule  # the stages set_depth switches between (core.depth)
         self._average = None  # the EMA, on the device: see average_update
         self._depth_variants: dict[int, tuple] = {}  # layers -> (loss, loss_sum), one compiled pair per depth
         self.set_depth(spec.num_layers)
         self._lr = torch.zeros((), dtype=torch.float32, device=self.torch_device)
         self._momentum = torch.zeros((), dtype=torch.float32, device=self.torch_device)
 
-    def _build_steps(self, spec: ModelSpec) -> tuple:
-        dtype = self.dtype
-        qat = self._qat  # QAT transforms the params before the model sees them (backend_torch/qat.py)
-        train_view = (lambda p: fake_quant(p, qat[0], noise=qat[1])) if qat else (lambda p: p)
-        eval_view = (lambda p: fake_quant(p, qat[0])) if qat else (lambda p: p)
+    def _build_steps(self, variant: DepthVariant) -> tuple:
+        dtype, spec, rows = self.dtype, variant.spec, rows_view(variant.rows)
+        qat = self._qat  # QAT transforms the full params, then the stage takes its rows (backend_torch/qat.py)
+        train_view = (lambda p: rows(fake_quant(p, qat[0], noise=qat[1]))) if qat else rows
+        eval_view = (lambda p: rows(fake_quant(p, qat[0]))) if qat else rows
 
         per_token = per_token_losses(self._compile, dtype)
 
@@ -136,11 +155,12 @@ class TorchBackend:
         return compile_graph(loss_fn), compile_graph(loss_sum_fn)
 
     def set_depth(self, layers: int) -> None:
-        """Train and evaluate the first `layers` effective layers (core.depth.truncated_spec) over the same
-        weights and optimizer state; each depth's compiled graphs are kept, so switching back costs nothing."""
+        """Train and evaluate the depth schedule's stage of `layers` effective layers (core.depth.depth_variant:
+        the first `layers` layers, or an earlier plan reading its rows of the full tables) over the same weights
+        and optimizer state; each depth's compiled graphs are kept, so switching back costs nothing."""
         key = (layers, self._qat and id(self._qat))  # one compiled pair per depth and QAT setting
         if key not in self._depth_variants:
-            self._depth_variants[key] = self._build_steps(truncated_spec(self.spec, layers))
+            self._depth_variants[key] = self._build_steps(depth_variant(self.spec, layers, self._depth_schedule))
         self._loss, self._loss_sum = self._depth_variants[key]
         self.layers = layers
 
@@ -209,7 +229,9 @@ class TorchBackend:
         """An eval function for the active depth, built (and compiled) on first use."""
         cache, layers = self._eval_fns, self.layers
         if (kind, layers) not in cache:
-            cache[kind, layers] = make(truncated_spec(self.spec, layers), self.dtype)
+            variant = depth_variant(self.spec, layers, self._depth_schedule)
+            fn, rows = make(variant.spec, self.dtype), rows_view(variant.rows)
+            cache[kind, layers] = (lambda p, *args: fn(rows(p), *args)) if variant.rows else fn
         return cache[kind, layers]
 
     @torch.no_grad()
