@@ -215,12 +215,16 @@ def test_truncated_plans_keep_the_parts_they_still_have():
 # ---- parity through --set ------------------------------------------------------------------------------------
 
 def test_parity_with_every_part_on():
-    """`loopgolf parity --config configs/demo.toml --small --set model.ve_layers='1,4' --set ...` (~3 s)."""
+    """`loopgolf parity --config configs/demo.toml --small --set model.ve_layers='1,4' --set ...` (~3 s), with
+    the records' parts on too (tests/test_record_parts.py): a parallel block, which gets its own op row, and
+    the skip gates."""
     sets = [f"model.{k}={v!r}".replace("True", "true") for k, v in ALL.items() if k != "ve_dim"]
     sets += ["model.ve_dim=8", "model.ortho_init=true", "model.layer_plan='2x3'"]
+    sets += ["model.parallel_blocks='1'", "model.skip_gates=true"]
     cfg = load_config(ROOT / "configs" / "demo.toml", sets, small=True, small_vocab=True)
     assert cfg.model.value_residual and cfg.model.ve_layers == "1,4" and cfg.model.loop_gate_style == "seed319"
     rows = parity.parity_rows(cfg, "float32", 11)
     assert not [r.check for r in rows if not r.ok], "\n" + parity.format_report(rows)
     grads = {r.check[5:] for r in rows if r.check.startswith("grad ")}
-    assert set().union(*NEW.values()) <= grads
+    assert set().union(*NEW.values()) | {"skip_gates"} <= grads
+    assert "op block 1 (parallel residual)" in {r.check for r in rows}

@@ -210,6 +210,10 @@ def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> 
                  tm.softcap(T(z), spec.logit_softcap), op32),
                 ("op cross_entropy (fp32)", mm.cross_entropy(M(z), M(ids)), tm.cross_entropy(T(z), T(ids)), op32),
             ]
+            for b in spec.parallel_block_list:  # #1493's parallel residual: the whole block, at its first layer
+                layer = spec.layer_plan.index(b)
+                cases.append((f"op block {b} (parallel residual)", mm.block(spec, pm, b, hm, hm, layer),
+                              tm.block(spec, pt, b, ht, ht, layer), tolerance("hidden", dtype)))  # one layer's band
             rows += [compare(name, _np(a), _np(b), tol) for name, a, b, tol in cases]
 
         # ---- the whole model: each effective layer, logits, loss ----
