@@ -34,6 +34,7 @@ from core.runlog import RunLog, TrainReport
 from core.schedule import lr_multiplier, muon_momentum
 from core.shards import TokenStream, open_train_stream, train_micro_batch
 from core.sliding import final_sliding_eval
+from core.ttt import final_ttt_eval
 from core.spec import ModelSpec
 from core.weights import save_weights
 
@@ -450,6 +451,9 @@ class Trainer:
         log.line(f"{label} val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         log.line(f"{label}_exact val_loss:{rt_loss:.8f} val_bpb:{rt_bpb:.8f}")
         sliding = final_sliding_eval(b, self.val_tokens, cfg, self.luts, log, label)  # {} unless eval.stride > 0
+        ttt = {}
+        if cfg.eval.ttt:  # on a copy: the round trip's weights are put back
+            ttt = final_ttt_eval(b, self.val_tokens, cfg, self.luts, log, label)
         code = code_bytes
         total = code + info.total_bytes
         tag = f"{cfg.artifact.scheme}+{cfg.artifact.codec}"
@@ -462,7 +466,8 @@ class Trainer:
                      roundtrip_val_bpb=rt_bpb, artifact_bytes=info.total_bytes, code_bytes=code,
                      total_bytes=total, params=unique, effective_params=effective, steps=result["steps"],
                      train_time_ms=result["train_time_ms"], tok_s=result["tok_s"], backend=b.name,
-                     world_size=b.world_size, artifact=art_path.name, qat=cfg.artifact.qat, **averaging, **sliding)
+                     world_size=b.world_size, artifact=art_path.name, qat=cfg.artifact.qat, **averaging, **sliding,
+                     **ttt)
         if art.gptq:
             final["gptq_tensors"] = len((info.gptq or {}).get("tensors", []))
             final["gptq_hessian_ms"] = hessian_ms

@@ -172,11 +172,9 @@ def ttt_eval(backend, tokens: np.ndarray, window_len: int, stride: int, batch_se
 
 
 def final_ttt_eval(backend, val_tokens: np.ndarray, cfg, luts: ByteLuts, log, label: str) -> dict:
-    """For Trainer.export: with eval.ttt, the score-first TTT eval of the weights the backend holds, logged
-    after `label`; returns the final record's extra fields ({} when eval.ttt is off)."""
+    """For Trainer.export, when eval.ttt is on: the score-first TTT eval of the weights the backend holds,
+    logged after `label`; returns the final record's extra fields."""
     ev = cfg.eval
-    if not ev.ttt:
-        return {}
     settings = TTTSettings.from_eval(ev)
     t0 = time.perf_counter()
     r = ttt_eval(backend, val_tokens, eval_window_len(cfg), ev.stride, ev.batch_seqs, luts, settings)

@@ -2,7 +2,9 @@
 
 Always upstream's standard eval (non-overlapping windows of --seq-len); with --stride, the sliding-window
 eval (core/sliding.py) over the same targets; with --hedge, the Hedge mixer's bpb (core/hedge.py) beside
-the sliding one, never instead. The tokenizer and byte tables come from the data, as in `loopgolf train`.
+the sliding one, never instead; with --ttt, score-first test-time training over the sliding windows
+(core/ttt.py), its settings the run's eval.ttt_* keys (config.toml beside the file, else the defaults) and
+--set eval.ttt_KEY=VALUE. The tokenizer and byte tables come from the data, as in `loopgolf train`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hedge", action="store_true",
                    help="also report the Hedge mixer's bpb over the sliding windows (#895 without its entropy expert)")
     p.add_argument("--hedge-eta", type=float, default=0.1, help="the Hedge rule's learning rate (default 0.1)")
+    p.add_argument("--ttt", action="store_true",
+                   help="also run score-first test-time training over the sliding windows (#1493; needs --stride)")
+    p.add_argument("--set", action="append", default=[], metavar="eval.ttt_KEY=VALUE",
+                   help="a TTT setting, e.g. --set eval.ttt_lr=0.005 (repeatable; see [eval] in the README)")
     p.add_argument("--max-tokens", type=int, default=0, metavar="N",
                    help="only the first N validation targets, rounded down to whole windows (quick checks)")
     p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
@@ -87,6 +93,10 @@ def check_args(args) -> None:
     if args.hedge and not args.stride:
         raise UserError("--hedge mixes over the sliding windows: give --stride too (e.g. --stride 64; "
                         "--stride equal to --seq-len gives the standard windows)")
+    if (args.ttt or args.set) and not args.stride:
+        raise UserError("--ttt scores each chunk with the sliding windows: give --stride too (e.g. --stride 64)")
+    if args.set and not args.ttt:
+        raise UserError(f"--set {args.set[0]}: eval takes only TTT settings, which need --ttt")
     if not (args.hedge_eta > 0 and math.isfinite(args.hedge_eta)):
         raise UserError(f"--hedge-eta {args.hedge_eta}: expected a positive number")
     if args.nproc is not None and args.nproc < 1:
@@ -147,10 +157,35 @@ def load_data(args, spec: ModelSpec):
     return data, luts, tokens
 
 
-class Progress:
-    """Sliding-eval progress on stderr (rank 0): a bar on a terminal, else a line at every 10%."""
+def ttt_settings(args):
+    """The --ttt eval's settings: the run's [eval] ttt_* keys (RUN_DIR/config.toml beside the file) or the
+    defaults, then --set eval.ttt_KEY=VALUE, validated as the config's own."""
+    import dataclasses
 
-    def __init__(self, enabled: bool | None, rank: int):
+    from core.config import EvalConfig, load_config, parse_override
+    from core.tables import dataclass_from_table
+    from core.ttt import TTTSettings
+
+    config = Path(args.weights or args.artifact).parent / "config.toml"
+    base = load_config(config).eval if config.is_file() else EvalConfig()
+    table = {k: v for k, v in dataclasses.asdict(base).items() if k.startswith("ttt_")}
+    for text in args.set:
+        section, key, value = parse_override(text)
+        if section != "eval" or not key.startswith("ttt_"):
+            raise UserError(f"--set {text!r}: eval takes only TTT settings, eval.ttt_KEY=VALUE")
+        table[key] = value
+    settings = TTTSettings.from_eval(dataclass_from_table(EvalConfig, table, "eval", ttt=True, stride=args.stride))
+    if settings.chunk_tokens < args.seq_len:  # before any eval runs
+        raise UserError(f"eval.ttt_chunk_tokens = {settings.chunk_tokens} is shorter than the window (--seq-len "
+                        f"{args.seq_len}): a chunk must hold at least one training sequence")
+    return settings
+
+
+class Progress:
+    """Sliding- or TTT-eval progress on stderr (rank 0): a bar on a terminal, else a line at every 10%."""
+
+    def __init__(self, enabled: bool | None, rank: int, label: str = "sliding eval", unit: str = "window"):
+        self.label, self.unit = label, unit
         self.bar = None
         self.enabled = rank == 0 and enabled is not False
         self.tty = sys.stderr.isatty()
@@ -163,12 +198,12 @@ class Progress:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="window", file=sys.stderr, dynamic_ncols=True, leave=False)
+                self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr, dynamic_ncols=True, leave=False)
             self.bar.update(done - self.bar.n)
             return
         if done * 10 >= self.next_tenth * total:
             self.next_tenth = done * 10 // total + 1
-            print(f"sliding eval: {done}/{total} windows ({100 * done // total}%) "
+            print(f"{self.label}: {done}/{total} {self.unit}s ({100 * done // total}%) "
                   f"{time.perf_counter() - self.t0:.0f}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -182,6 +217,7 @@ def run_eval(args) -> int:
 
     seq_len_from = resolve_seq_len(args)
     check_args(args)
+    args.ttt_settings = ttt_settings(args) if args.ttt else None
     backend_name = resolve_backend(args.backend)
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else (args.nproc or 1)
     if nproc > 1 and backend_name != "torch":
@@ -240,6 +276,8 @@ def _evaluate_and_report(args, backend, spec, source, data, luts, tokens, seq_le
                 f"trigram {'/'.join(f'{w:.3f}' for w in r.hedge_weights)}{r.hedge_note()})")
             record.update(hedge_val_loss=r.hedge_val_loss, hedge_val_bpb=r.hedge_val_bpb, hedge_eta=args.hedge_eta,
                           hedge_weights=r.hedge_weights, hedge_mixed_targets=r.hedge_mixed_targets)
+    if args.ttt:
+        _ttt_report(args, backend, tokens, luts, say, record)
     if wants_depth_eval(args):
         record["depth"] = run_depth_eval(args, backend, tokens, luts, L, args.batch_seqs * L * backend.world_size,
                                          log=say)
@@ -247,3 +285,24 @@ def _evaluate_and_report(args, backend, spec, source, data, luts, tokens, seq_le
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
         say(f"wrote {args.json}")
     return 0
+
+
+def _ttt_report(args, backend, tokens, luts, say, record: dict) -> None:
+    """Score-first TTT over the sliding windows, on a copy of the weights (they are put back after)."""
+    import dataclasses
+
+    from core.ttt import ttt_eval
+
+    settings = args.ttt_settings
+    progress = Progress(args.progress, backend.rank, "TTT eval", "chunk")
+    t0 = time.perf_counter()
+    try:
+        r = ttt_eval(backend, tokens, args.seq_len, args.stride, args.batch_seqs, luts, settings, progress=progress)
+    finally:
+        progress.close()
+    ms = 1000 * (time.perf_counter() - t0)
+    say(f"ttt val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} (score-first: {r.chunks} chunks of "
+        f"{settings.chunk_tokens}, {settings.epochs} epochs, lr {settings.lr:g}, momentum {settings.momentum:g}, "
+        f"clip {settings.grad_clip:g}, {r.steps} steps) eval_time:{ms:.0f}ms")
+    record.update(ttt_val_loss=r.val_loss, ttt_val_bpb=r.val_bpb, ttt_chunks=r.chunks, ttt_steps=r.steps,
+                  ttt=dataclasses.asdict(settings), ttt_eval_ms=ms)
