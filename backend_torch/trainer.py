@@ -79,7 +79,7 @@ def rows_view(rows):
     def view(p):
         p = dict(p)
         for name, index in rows:
-            start = index[0]
+            start = index[0] if index else 0  # () where the export folds a table in that the stage lacks
             contiguous = index == tuple(range(start, start + len(index)))
             p[name] = p[name][start:start + len(index)] if contiguous else p[name][list(index)]
         return p

@@ -1,4 +1,4 @@
-"""Progressive depth and eval-time extra loops (issue 5, items 6-7; core.depth).
+"""Progressive depth, stages named by plan (issue 17 item 1) and eval-time extra loops (issue 5, items 6-7; core.depth).
 
 Schedules parse or fail with one clear error; the loop switches depth at the right step by step count and by
 (fake) wallclock, logging `depth` events; a backend at depth n computes exactly the model of the truncated
@@ -23,7 +23,8 @@ import core.clock
 from core import checkpoint as ck
 from core import loop as core_loop
 from core.config import config_from_dict
-from core.depth import DepthSchedule, depth_schedule, parse_stages, truncate_weights, truncated_spec
+from core.depth import (DepthSchedule, depth_schedule, depth_variant, parse_stages, plan_rows, truncate_weights,
+                        truncated_spec, variant_weights)
 from core.errors import UserError
 from core.params import init_weights
 from core.spec import ModelSpec
@@ -100,6 +101,108 @@ def test_truncated_spec_and_weights_take_the_leading_rows():
     np.testing.assert_array_equal(t["layer_resid_mixes"], w["layer_resid_mixes"][:4])
 
 
+# ---- stages named by plan (the records' loop switch-on, #1394/#1493) --------------------------------------
+
+RECORD_A = "0 1 2 3 4 5 4 5 4 5 6 7 8 9 10"  # #1394: layers 4-5 three times
+RECORD_B = "0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10"  # #1493: layers 3-5 three times
+FLAT_11 = tuple(range(11))
+# Every per-effective-layer table (and VE, VRL and the skip gates), none per loop: a flat stage maps them all.
+PLAN_OPTIONS = {"iter_embeds": True, "per_layer_scales": True, "iter_scales": True, "layer_gains": True,
+                "value_embeds": 1, "value_residual": True, "ve_layers": "9,10,13", "ve_dim": 8, "skip_gates": True}
+
+
+def test_parse_stages_reads_plans():
+    assert parse_stages("0.5:flat,1.0:full") == ((0.5, "flat"), (1.0, "full"))
+    assert parse_stages("0.35:0 1 2 3, 0.7:2x2 ,1.0:3") == ((0.35, (0, 1, 2, 3)), (0.7, (0, 1, 0, 1)), (1.0, 3))
+
+
+def test_plan_rows_take_the_first_match():
+    """The records' flat stage: physical layers 6-10 read the rows they have once looping is on."""
+    assert plan_rows(FLAT_11, tuple(map(int, RECORD_A.split()))) == (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14)
+    assert plan_rows(FLAT_11, tuple(map(int, RECORD_B.split()))) == (0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16)
+    assert plan_rows((0, 2, 1), (0, 1, 2)) is None and plan_rows((0, 1), (0, 1, 0, 1)) == (0, 1)
+
+
+def test_a_flat_stage_maps_every_table_onto_the_final_plan():
+    cfg = cfg_for({"layer_plan": RECORD_A, **PLAN_OPTIONS}, depth_schedule="0.5:flat,1.0:full", depth_schedule_by="step")
+    schedule = depth_schedule(cfg)
+    assert schedule.layer_counts == (11, 15) and [schedule.layers_at(f) for f in (0.0, 0.49, 0.5, 1.2)] == [11, 11, 15, 15]
+    spec, text = cfg.model, cfg.train.depth_schedule
+    stage = depth_variant(spec, 11, text)
+    rows = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14)
+    assert stage.spec.layer_plan == FLAT_11 and stage.spec.ve_layers == "6,9"  # final layers 10 and 13 (9 is a third pass)
+    assert stage.spec.num_skip_weights == 5 and spec.num_skip_weights == 7  # the records: 5 of the 7 pairs
+    mapped = dict(stage.rows)
+    for name in ("iter_embeds", "value_scales", "layer_resid_mixes", "iter_scales", "layer_in_gains"):
+        assert mapped[name] == rows, name
+    assert mapped["vrl_alphas"] == tuple(m - 1 for m in rows[1:]) and mapped["ve_layer_scales"] == (1, 2)
+    assert mapped["skip_weights"] == mapped["skip_gates"] == (0, 1, 2, 3, 4)  # innermost pairs first
+    w = perturbed(spec, scale=0.1, init_seed=1)
+    sw = variant_weights(spec, w, 11, text)
+    np.testing.assert_array_equal(sw["layer_mlp_scales"], w["layer_mlp_scales"][list(rows)])
+    np.testing.assert_array_equal(sw["ve_layer_scales"], w["ve_layer_scales"][[1, 2]])
+    assert sw["blocks.4.attn.c_q.weight"] is w["blocks.4.attn.c_q.weight"]  # blocks: the same tensors
+    assert depth_variant(spec, 15, text).spec == spec and not depth_variant(spec, 15, text).rows
+    # A stage that is a leading part of the plan is today's truncated model, whatever its notation.
+    cyclic = cfg_for(OPTIONS, depth_schedule="0.3:flat,0.6:0 1 0 1,1.0:full", depth_schedule_by="step")
+    assert depth_schedule(cyclic).layer_counts == (2, 4, 6)
+    for layers in (2, 4):
+        assert depth_variant(cyclic.model, layers, cyclic.train.depth_schedule) == depth_variant(cyclic.model, layers)
+        assert depth_variant(cyclic.model, layers).spec == truncated_spec(cyclic.model, layers)
+
+
+@pytest.mark.parametrize("plan, model, text, message", [
+    (RECORD_A, {}, "0.5:flat,1.0:3", "a loop count needs a cyclic layer plan"),
+    (RECORD_A, {}, "0.5:0 2 1,1.0:full", "0 2 1 is not a subsequence of model.layer_plan"),
+    (RECORD_A, {}, "0.3:flat,0.6:0 1 2 3 4 5 6 7 8 9,1.0:full", "drops layers the stage before it"),
+    (RECORD_A, {}, "0.5:flat,1.0:flat", "the last entry must be model.layer_plan"),
+    (RECORD_A, {}, "0.5:0 1 x,1.0:full", "cannot read '0.5:0 1 x'"),
+    (RECORD_A, {}, "0.5:0 1 2 3 4 5 10,1.0:full", "never uses block(s) [6, 7, 8, 9]"),
+    (RECORD_A, {"loop_gates": True}, "0.5:flat,1.0:full", "model.loop_gates = true keeps a table per loop"),
+    (RECORD_A, {"loop_embeds": True}, "0.5:flat,1.0:full", "model.loop_embeds = true"),
+    (RECORD_A, {"cross_repeat_skips": True}, "0.5:flat,1.0:full", "model.cross_repeat_skips = true"),
+    ("2x3", {}, "0.5:4,1.0:full", "4 loops is more than the 3"),
+])
+def test_bad_plan_stages_are_one_line_naming_the_key(plan, model, text, message):
+    with pytest.raises(UserError, match="train.depth_schedule") as e:
+        cfg_for({"layer_plan": plan, **model}, depth_schedule=text, depth_schedule_by="step")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_plan_stage_computes_the_mapped_model():
+    """At a stage named by plan, both backends give the loss of the stage's own model on its mapped rows
+    (core.depth.variant_weights), and one step moves only the rows it reads: the gather carries the gradient."""
+    import torch
+    from backend_torch import model as tm
+
+    cfg = cfg_for({"layer_plan": "0 1 2 1 2 3", **PLAN_OPTIONS, "ve_layers": "3,5"},
+                  depth_schedule="0.5:flat,1.0:full", depth_schedule_by="step")
+    spec, text = cfg.model, cfg.train.depth_schedule
+    w = perturbed(spec, scale=0.1, init_seed=1)
+    x = np.random.default_rng(3).integers(0, 64, (2, 16))
+    y = np.roll(x, -1, axis=1)
+    stage = depth_variant(spec, 4, text)
+    assert dict(stage.rows)["iter_embeds"] == (0, 1, 2, 5)
+    sw = {k: torch.tensor(v) for k, v in variant_weights(spec, w, 4, text).items()}
+    ref = float(tm.token_losses(stage.spec, sw, torch.tensor(x), torch.tensor(y)).sum())
+    after = {}
+    for name, b in backends(spec, w, cfg).items():
+        full = b.eval_loss_sum(x, y)
+        b.set_depth(4)
+        # Same operations on the same numbers as the reference model (torch); MLX within fp32 noise of it.
+        assert b.eval_loss_sum(x, y) == pytest.approx(ref, rel=1e-6 if name == "torch" else 1e-5), name
+        assert abs(b.eval_loss_sum(x, y) - full) > 1e-2  # the stage is not the full model
+        b.train_step([(x, y)], 1.0, 0.9)
+        after[name] = b.get_weights()
+        for table in ("iter_embeds", "layer_mlp_scales", "layer_out_gains"):
+            moved = [not np.array_equal(after[name][table][i], w[table][i]) for i in range(6)]
+            assert moved == [True, True, True, False, False, True], (name, table)
+    if "mlx" in after:
+        for k, v in after["torch"].items():
+            np.testing.assert_allclose(after["mlx"][k], v, rtol=0, atol=1e-4, err_msg=k)
+
+
 # ---- the loop, with a fake backend and a fake clock -------------------------------------------------------
 
 class FakeClockBackend(StandInBackend):
@@ -122,14 +225,14 @@ class FakeClockBackend(StandInBackend):
         return float(x.size)
 
 
-def run_fake(tmp_path, demo_data, monkeypatch, **train):
+def run_fake(tmp_path, demo_data, monkeypatch, model=None, **train):
     from core.bpb import ByteLuts
     from core.manifest import resolve_data
     from core.runlog import RunLog
 
     clock = [0.0]
     monkeypatch.setattr(core.clock, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # the train clock
-    cfg = cfg_for({"vocab_size": 1024}, **train)
+    cfg = cfg_for({"vocab_size": 1024, **(model or {})}, **train)
     backend = FakeClockBackend(cfg.model, clock)
     luts = ByteLuts(np.ones(1024, np.int16), np.zeros(1024, bool), np.zeros(1024, bool))
     log = RunLog(tmp_path, echo=False, progress_bar=False)
@@ -156,6 +259,16 @@ def test_the_loop_switches_depth_on_schedule(by, train, tmp_path, demo_data, mon
     assert trainer.at_full_depth and backend.layers == 6
     log = (tmp_path / "train.log").read_text()
     assert f"depth: step:{switches[1][0]} layers:4/6\n" in log
+
+
+def test_the_loop_switches_to_a_looped_plan(tmp_path, demo_data, monkeypatch):
+    """Flat (4 layers), then the plan that loops the middle blocks (6) from half the steps; the warmup primes
+    the flat stage too."""
+    backend, trainer, result, events = run_fake(tmp_path, demo_data, monkeypatch, {"layer_plan": "0 1 2 1 2 3"},
+                                                depth_schedule="0.5:flat,1.0:full", depth_schedule_by="step")
+    assert backend.seen == [6, 4] + [4] * 4 + [6] * 4
+    assert [(e["step"], e["layers"]) for e in events if e["event"] == "depth"] == [(0, 4), (4, 6)]
+    assert trainer.at_full_depth and "warmup_depth: layers:4" in (tmp_path / "train.log").read_text()
 
 
 # ---- real backends --------------------------------------------------------------------------------------
@@ -221,7 +334,12 @@ def test_one_loop_trains_without_cross_repeat_gradients():
         assert not np.array_equal(after["iter_embeds"][:2], w["iter_embeds"][:2]), name
 
 
-def test_resume_across_a_switch_is_bit_exact(tmp_path, demo_data):
+# Loop counts; and stages named by plan, the 4-layer one mapped onto rows 0 1 3 5 of the final plan.
+@pytest.mark.parametrize("model, schedule", [
+    ({}, "0.25:1,0.5:2,1.0:3"),
+    pytest.param({"layer_plan": "0 1 1 0 0 1", "iter_embeds": True}, "0.25:0 1,0.5:0 1 0 1,1.0:full", id="plans"),
+])
+def test_resume_across_a_switch_is_bit_exact(model, schedule, tmp_path, demo_data):
     """A torch run checkpointed at step 3 (4 layers, the switch to 6 due at step 4) and resumed in a fresh
     trainer ends with the weights and val loss of the uninterrupted run."""
     from backend_torch.trainer import TorchBackend
@@ -231,7 +349,7 @@ def test_resume_across_a_switch_is_bit_exact(tmp_path, demo_data):
     from core.shards import load_val_tokens
     from core.tokenizer import load_tokenizer
 
-    cfg = cfg_for({"vocab_size": 1024}, depth_schedule="0.25:1,0.5:2,1.0:3", depth_schedule_by="step",
+    cfg = cfg_for({"vocab_size": 1024, **model}, depth_schedule=schedule, depth_schedule_by="step",
                   checkpoint_every=3, keep_checkpoints=0)
     data = resolve_data(demo_data)
     luts = build_byte_luts(load_tokenizer(data.tokenizer_path), 1024)
@@ -253,6 +371,44 @@ def test_resume_across_a_switch_is_bit_exact(tmp_path, demo_data):
         np.testing.assert_array_equal(resumed.backend.get_weights()[k], v, err_msg=k)
     events = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [(e["step"], e["layers"]) for e in events if e["event"] == "depth"] == [(3, 4), (4, 6)]
+
+
+@pytest.mark.slow
+def test_flat_then_looped_trains_alike_in_both_backends(tmp_path, demo_data):
+    """The records' switch-on in miniature on the demo shards: 4 flat layers, then the plan that loops blocks
+    1-2, from half the steps. MLX logs torch's losses step for step (fp32 noise), and a torch run without the
+    priming steps (which train both stages) logs exactly torch's: the warmup's effect is undone."""
+    from backend_mlx.trainer import MLXBackend
+    from backend_torch.trainer import TorchBackend
+    from core.bpb import build_byte_luts
+    from core.manifest import resolve_data
+    from core.runlog import RunLog
+    from core.shards import load_val_tokens
+    from core.tokenizer import load_tokenizer
+
+    pytest.importorskip("mlx.core")
+    model = {"vocab_size": 1024, "layer_plan": "0 1 2 1 2 3", "iter_embeds": True, "per_layer_scales": True,
+             "skip_gates": True}
+    data = resolve_data(demo_data)
+    luts = build_byte_luts(load_tokenizer(data.tokenizer_path), 1024)
+    val = load_val_tokens(data.val_files, 16)[:513]
+
+    def losses(backend_class, out, warmup_steps=1):
+        cfg = cfg_for(model, depth_schedule="0.5:flat,1.0:full", depth_schedule_by="step", warmup_steps=warmup_steps)
+        kw = {"device": "cpu"} if backend_class is TorchBackend else {}
+        backend = backend_class(cfg.model, perturbed(cfg.model, scale=0.05, init_seed=2), cfg.train, cfg.optim, **kw)
+        log = RunLog(out, echo=False, progress_bar=False)
+        core_loop.Trainer(cfg, backend, data.train_files, val, luts, log, out_dir=out).run()
+        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [(e["step"], e["layers"]) for e in events if e["event"] == "depth"] == [(0, 4), (4, 6)]
+        return [e["train_loss"] for e in events if e["event"] == "train"]
+
+    torch_losses = losses(TorchBackend, tmp_path / "torch")
+    assert len(torch_losses) == 8
+    assert "warmup_depth: layers:4" in (tmp_path / "torch" / "train.log").read_text()
+    assert losses(TorchBackend, tmp_path / "cold", warmup_steps=0) == torch_losses
+    # fp32 on both sides, Muon's Newton-Schulz amplifies the last bits a little over 8 steps.
+    np.testing.assert_allclose(losses(MLXBackend, tmp_path / "mlx"), torch_losses, rtol=1e-5)
 
 
 # #895's block and input variants on top: value embeddings read per-layer rows, XSA its last N layers; #1110's
