@@ -124,13 +124,16 @@ def test_plan_rows_take_the_first_match():
 
 
 def test_a_flat_stage_maps_every_table_onto_the_final_plan():
-    cfg = cfg_for({"layer_plan": RECORD_A, **PLAN_OPTIONS}, depth_schedule="0.5:flat,1.0:full", depth_schedule_by="step")
+    cfg = cfg_for({"layer_plan": RECORD_A, **PLAN_OPTIONS}, depth_schedule="0.5:flat,1.0:full",
+                  depth_schedule_by="step")
     schedule = depth_schedule(cfg)
-    assert schedule.layer_counts == (11, 15) and [schedule.layers_at(f) for f in (0.0, 0.49, 0.5, 1.2)] == [11, 11, 15, 15]
+    assert schedule.layer_counts == (11, 15)
+    assert [schedule.layers_at(f) for f in (0.0, 0.49, 0.5, 1.2)] == [11, 11, 15, 15]
     spec, text = cfg.model, cfg.train.depth_schedule
     stage = depth_variant(spec, 11, text)
     rows = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14)
-    assert stage.spec.layer_plan == FLAT_11 and stage.spec.ve_layers == "6,9"  # final layers 10 and 13 (9 is a third pass)
+    assert stage.spec.layer_plan == FLAT_11
+    assert stage.spec.ve_layers == "6,9"  # final layers 10 and 13 (9 is block 5's third pass)
     assert stage.spec.num_skip_weights == 5 and spec.num_skip_weights == 7  # the records: 5 of the 7 pairs
     mapped = dict(stage.rows)
     for name in ("iter_embeds", "value_scales", "layer_resid_mixes", "iter_scales", "layer_in_gains"):
