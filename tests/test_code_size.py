@@ -25,4 +25,5 @@ def test_a_feature_switched_off_costs_no_code_bytes():
     with_gptq = load_config(DEMO, ["artifact.gptq=true", 'artifact.scheme="int6"'])
     plain_off, plain_on = build_script(base, "none"), build_script(with_gptq, "none")
     assert "cholesky" not in plain_off and "cholesky" in plain_on
+    assert "parallel_block_list" not in plain_off  # model.parallel_blocks off: its branch and property go
     assert len(plain_on) > len(plain_off) + 2000

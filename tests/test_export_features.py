@@ -26,6 +26,8 @@ RECIPE = [
     'data.order="shuffled"', "optim.muon_row_normalize=true",
     'artifact.scheme="int6_std12.85"', 'artifact.rules=["tok_emb.weight=int8_std20"]', "artifact.gptq=true",
     "artifact.gptq_embedding=true", "artifact.gptq_batches=1", 'artifact.codec="brotli"', "artifact.byte_shuffle=2",
+    # the records' model parts (tests/test_record_parts.py): block 1 of the demo's 2x3 parallel, gated skips
+    'model.parallel_blocks="1"', "model.skip_gates=true", "model.ln_scale=true", "model.qk_gain_init=5.25",
 ]
 
 
@@ -65,6 +67,16 @@ def train(sets: list[str], out: Path) -> int:
                 *set_args(sets), "--out", str(out), "--no-progress"])
 
 
+def script_source(folder: Path) -> str:
+    """The bundled source inside the lzma-packed train_gpt.py (its one base64 literal, unpacked)."""
+    import base64
+    import lzma
+    import re
+
+    packed = re.search(r"b85decode\((b?['\"])(.*?)\1\)", (folder / "train_gpt.py").read_text(), re.S)
+    return lzma.decompress(base64.b85decode(packed.group(2))).decode()
+
+
 def artifact_of(run_dir: Path) -> Path:
     (art,) = run_dir.glob("*.art")
     return art
@@ -91,6 +103,10 @@ def test_the_records_options_reach_the_exported_script(demo_data, tmp_path):
     assert "tok_emb.weight" in info.gptq["tensors"] and any(".mlp." in n for n in info.gptq["tensors"])
     cfg = load_config(script_run / "config.toml")
     assert cfg.data.order == "shuffled" and cfg.optim.muon_row_normalize and cfg.artifact.gptq_embedding
+    assert cfg.model.parallel_blocks == "1" and cfg.model.skip_gates and cfg.model.ln_scale
+    assert qw.tensors["skip_gates"].data.dtype.name == "float32"  # trained (not its zero init), kept fp32
+    assert qw.tensors["skip_gates"].data.any()
+    assert "parallel_block_list" in script_source(folder)  # folded away (unused, dropped) when no block is parallel
 
     # The reserve through the script's knob: a 30 s cap less 29.999 s leaves 1 ms, so the script stops after
     # one step, whose loss (taken before its update) is the first of the run above; the Hessians come after.

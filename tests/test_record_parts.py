@@ -206,3 +206,16 @@ def test_truncated_plans_keep_both_parts():
     np.testing.assert_array_equal(ws["skip_gates"], w["skip_gates"][:2])
     np.testing.assert_allclose(backend_mlx.forward_logits(sub, ws, tokens()), reference_logits(sub, ws, tokens()),
                                atol=REFERENCE_ATOL, rtol=0)
+
+
+def test_size_and_budget_count_the_gates():
+    """`loopgolf size`/`budget` estimate from the table: the gates add their fp32 bytes and one header entry;
+    the parallel blocks add nothing."""
+    from tools.budget import estimate_artifact_bytes, header_bytes_per_tensor
+
+    off, on = spec_for(MIDDLE), spec_for(MIDDLE, skip_gates=True, parallel_blocks="1")
+    a, b = (estimate_artifact_bytes(s, "int8", "zlib", 9) for s in (off, on))
+    gates = 3 * TINY["model_dim"]
+    assert b.passthrough_params - a.passthrough_params == gates and b.quantized_params == a.quantized_params
+    assert abs(b.artifact_bytes - a.artifact_bytes - (4 * gates + header_bytes_per_tensor("zlib", 9))) <= 1
+    assert estimate_artifact_bytes(spec_for(MIDDLE, parallel_blocks="1"), "int8", "zlib", 9) == a
