@@ -199,9 +199,9 @@ class ArtifactConfig:
             raise UserError(f"artifact.qat = {self.qat!r}: expected 'off', 'start' or 'late'")
         if not 0 < self.qat_lr_threshold <= 1:
             raise UserError(f"artifact.qat_lr_threshold = {self.qat_lr_threshold}: expected a number in (0, 1]")
-        if self.gptq_batches < 1 or self.gptq_block < 1:
-            raise UserError(f"artifact.gptq_batches = {self.gptq_batches}, artifact.gptq_block = {self.gptq_block}: "
-                            "expected positive integers")
+        for key in ("gptq_batches", "gptq_block"):
+            if getattr(self, key) < 1:
+                raise UserError(f"artifact.{key} = {getattr(self, key)}: expected a positive integer")
         if not 0 <= self.gptq_damp < 1:
             raise UserError(f"artifact.gptq_damp = {self.gptq_damp}: expected a fraction in [0, 1), e.g. 0.01")
         schemes = self.quant_scheme.split(";")[0], *(r.split("=")[1] for r in self.quant_scheme.split(";")[1:])
@@ -249,7 +249,7 @@ class EvalConfig:
                 raise UserError(f"eval.{key} = {getattr(self, key)}: expected 0 or more")
         if self.batch_seqs < 1:
             raise UserError(f"eval.batch_seqs = {self.batch_seqs}: expected a positive integer")
-        if self.hedge_eta <= 0:
+        if not 0 < self.hedge_eta < float("inf"):  # nan fails too
             raise UserError(f"eval.hedge_eta = {self.hedge_eta}: expected a positive number")
         if self.hedge and self.stride <= 0:
             raise UserError("eval.hedge = true needs eval.stride > 0: the mixer runs over the sliding windows "

@@ -10,8 +10,9 @@ dequantization, the artifact format and the size tools are unchanged.
 - Dead columns (diag(H) == 0: the input was always 0 on the calibration batches) get a unit diagonal and
   no off-diagonal terms, so they are rounded to nearest and exchange no error with the others (reference
   GPTQ zeroes such weights instead; keeping them costs nothing and is safer if the input is not always 0).
-- Damping: `damp` x mean(diag H) is added to the diagonal (1% by default, #1110's value); if the Cholesky
-  still fails it is raised tenfold, up to 6 times.
+- Damping: `damp` x mean(diag H) is added to the diagonal (artifact.gptq_damp, 1% by default: #1110's
+  value); if the Cholesky still fails it is raised tenfold, up to 6 times. `damp` and `block` have no
+  defaults here: they are ArtifactConfig's.
 - The upper Cholesky factor U of H^-1 (H^-1 = U^T U) drives the updates; lazy batch updates: errors are
   applied inside a block of `block` columns at once per column, and to the later columns once per block.
 - The per-row step: each candidate of the tensor's scheme sets an fp16 step per row (the clip search's
@@ -43,8 +44,6 @@ from core.quant import (
 )
 from core.shards import open_train_stream, train_micro_batch
 
-DEFAULT_DAMP = 0.01
-DEFAULT_BLOCK = 128
 LOOKUP_TABLES = ("tok_emb.weight",)
 _DAMP_RETRIES = 6
 
@@ -107,7 +106,7 @@ def output_error(w: np.ndarray, codes: np.ndarray, step: np.ndarray, h: np.ndarr
     return np.einsum("ij,ij->i", diff @ h, diff)
 
 
-def gptq_quantize(w: np.ndarray, h: np.ndarray, qmax: int, damp: float = DEFAULT_DAMP, block: int = DEFAULT_BLOCK,
+def gptq_quantize(w: np.ndarray, h: np.ndarray, qmax: int, damp: float, block: int,
                   percentiles: Iterable[float] = CLIP_SEARCH_PERCENTILES,
                   steps: list[np.ndarray] | None = None) -> GPTQResult:
     """Per-row intN codes and fp16 steps for w (out, in) given H (in, in) (see the module docstring). `steps`:
@@ -172,7 +171,7 @@ NO_TARGETS = ("tensors of at most {:,} elements are never GPTQ'd, the tied embed
 
 
 def quantize_weights_gptq(weights: Mapping[str, np.ndarray], scheme: str, hessians: Mapping[str, np.ndarray],
-                          damp: float = DEFAULT_DAMP, block: int = DEFAULT_BLOCK,
+                          damp: float, block: int,
                           record: Mapping | None = None, embedding: bool = False) -> QuantizedWeights:
     """quantize_weights(weights, scheme), then GPTQ for every eligible tensor that has a Hessian (`embedding`:
     the tied embedding too). The result carries what the artifact header records: {"damp", "block", "tensors",

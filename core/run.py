@@ -11,7 +11,7 @@ from core.bpb import ByteLuts, build_byte_luts, check_vocab
 from core.config import RunConfig
 from core.manifest import DataPaths
 from core.params import count_params
-from core.shards import load_val_tokens
+from core.shards import first_val_tokens, load_val_tokens
 from core.tokenizer import load_tokenizer
 
 # Upstream's environment knobs and the config keys they set.
@@ -39,17 +39,15 @@ ENV_KNOBS = {
 }
 
 
-def load_eval_data(cfg: RunConfig, data: DataPaths) -> tuple[ByteLuts, np.ndarray]:
-    """(byte tables, validation tokens): the tokenizer checked against the spec's vocabulary, the val split
-    cut to whole sequences and to train.val_max_tokens when set."""
+def load_eval_data(cfg: RunConfig, data: DataPaths, vocab_size: int | None = None) -> tuple[ByteLuts, np.ndarray]:
+    """(byte tables, validation tokens): the tokenizer checked against the vocabulary (`vocab_size`, by default
+    the config's model's), the val split cut to whole sequences and to train.val_max_tokens when set."""
+    vocab_size = vocab_size or cfg.model.vocab_size
     sp = load_tokenizer(data.tokenizer_path)
-    check_vocab(sp, cfg.model.vocab_size, data.tokenizer_path)
-    luts = build_byte_luts(sp, cfg.model.vocab_size)
-    val_tokens = load_val_tokens(data.val_files, cfg.train.seq_len, cfg.model.vocab_size)
-    if cfg.train.val_max_tokens:
-        keep = (min(cfg.train.val_max_tokens, len(val_tokens) - 1) // cfg.train.seq_len) * cfg.train.seq_len
-        val_tokens = val_tokens[: keep + 1]
-    return luts, val_tokens
+    check_vocab(sp, vocab_size, data.tokenizer_path)
+    luts = build_byte_luts(sp, vocab_size)
+    val_tokens = load_val_tokens(data.val_files, cfg.train.seq_len, vocab_size)
+    return luts, first_val_tokens(val_tokens, cfg.train.val_max_tokens, cfg.train.seq_len)
 
 
 def log_header(log, cfg: RunConfig, backend, data: DataPaths, val_tokens: np.ndarray, title: str) -> None:

@@ -363,3 +363,13 @@ def load_val_tokens(files: Sequence[str | os.PathLike], seq_len: int, vocab_size
             f"expected at least seq_len+1 = {seq_len + 1}"
         )
     return tokens[: usable + 1]
+
+
+def first_val_tokens(tokens: np.ndarray, max_tokens: int, seq_len: int) -> np.ndarray:
+    """The first `max_tokens` targets of `tokens` (load_val_tokens'), rounded down to whole seq_len windows but
+    never below one (a window always fits: load_val_tokens checks); 0: all of them. `train.val_max_tokens`
+    and `eval --max-tokens` both cut here, so a run and a later eval score the same tokens."""
+    if not max_tokens:
+        return tokens
+    keep = max(min(max_tokens, len(tokens) - 1) // seq_len, 1) * seq_len
+    return tokens[: keep + 1]

@@ -126,7 +126,11 @@ def test_bad_input_is_one_line(demo_data, tmp_path, capsys):
         (["--weights", str(tmp_path / "small.safetensors"), *data], "vocab 1024 but model.vocab_size is 512"),
         (["--weights", str(weights), "--data", str(tmp_path / "nodata")], "nodata"),
         (["--weights", str(weights), *data, "--stride", "65", "--seq-len", "64"], "--stride 65"),
-        (["--weights", str(weights), *data, "--hedge"], "--hedge mixes over the sliding windows"),
+        # EvalConfig's own checks, naming the flags
+        (["--weights", str(weights), *data, "--hedge"], "--hedge needs --stride > 0: the mixer runs over the sliding"),
+        (["--weights", str(weights), *data, "--stride", "-1"], "--stride -1: expected 0 or more"),
+        (["--weights", str(weights), *data, "--batch-seqs", "0"], "--batch-seqs 0: expected a positive integer"),
+        (["--weights", str(weights), *data, "--hedge-eta", "nan"], "--hedge-eta nan: expected a positive number"),
         (["--weights", str(weights), *data, "--json", str(tmp_path / "no" / "r.json")], "--json"),
         (["--weights", str(weights), *data, "--nproc", "2"], "--nproc 2"),
         (["--weights", str(tmp_path), *data], "is a directory; expected a file"),

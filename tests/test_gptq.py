@@ -13,6 +13,8 @@ from core.errors import UserError
 from core.gptq import gptq_applies, gptq_quantize, gptq_targets, output_error, quantize_weights_gptq
 from core.quant import dequantize_weights, int_qmax, quantize_rows_clip_search, quantize_weights
 
+DAMP, BLOCK = ArtifactConfig.gptq_damp, ArtifactConfig.gptq_block  # the defaults live in the config
+
 
 def correlated_problem(rows=96, cols=160, tokens=1024, seed=0):
     """W and H = X^T X for inputs with a strong low-rank shared component and uneven column scales: the
@@ -33,7 +35,7 @@ def rtn_error(w, h, qmax):
 def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits):
     w, h = correlated_problem()
     qmax = int_qmax(bits)
-    gptq = gptq_quantize(w, h, qmax)
+    gptq = gptq_quantize(w, h, qmax, DAMP, BLOCK)
     gptq_err = output_error(w.astype(np.float64), gptq.codes, gptq.step, h).sum()
     # Measured ~100x lower on this problem; half is a loose bar that round to nearest cannot pass.
     assert gptq_err < 0.5 * rtn_error(w, h, qmax).sum()
@@ -57,7 +59,7 @@ def problems(draw):
 def test_gptq_error_bound(problem):
     w, h, dead, bits, block = problem
     qmax = int_qmax(bits)
-    r = gptq_quantize(w, h, qmax, block=block)
+    r = gptq_quantize(w, h, qmax, DAMP, block)
     assert r.codes.dtype == np.int8 and r.codes.shape == w.shape
     assert int(np.abs(r.codes.astype(np.int16)).max()) <= qmax
     assert r.step.dtype == np.float16 and np.all(np.isfinite(r.step)) and np.all(r.step > 0)
@@ -73,10 +75,10 @@ def test_gptq_error_bound(problem):
 
 def test_gptq_is_deterministic_and_independent_of_block_size_for_one_block():
     w, h = correlated_problem(rows=40, cols=96, seed=3)
-    a, b = gptq_quantize(w, h, 31), gptq_quantize(w.copy(), h.copy(), 31)
+    a, b = gptq_quantize(w, h, 31, DAMP, BLOCK), gptq_quantize(w.copy(), h.copy(), 31, DAMP, BLOCK)
     assert a.codes.tobytes() == b.codes.tobytes() and a.step.tobytes() == b.step.tobytes()
     # Lazy batch updates are an exact reordering of the same sums: block sizes give (nearly) the same codes.
-    c = gptq_quantize(w, h, 31, block=16)
+    c = gptq_quantize(w, h, 31, DAMP, 16)
     assert np.mean(c.codes != a.codes) < 0.01  # float64 reassociation can flip a code at a rounding tie
 
 
@@ -97,7 +99,7 @@ def test_gptq_weights_only_touch_intn_tensors_and_the_header_records_it():
     weights, hessians = weights_and_hessians()
     scheme = "int6;blocks.0.attn.*=int8"  # upstream int8 keeps its exact rule
     plain = quantize_weights(weights, scheme)
-    qw = quantize_weights_gptq(weights, scheme, hessians, record={"calibration": {"batches": 2}})
+    qw = quantize_weights_gptq(weights, scheme, hessians, DAMP, BLOCK, record={"calibration": {"batches": 2}})
     assert qw.gptq == {"damp": 0.01, "block": 128, "tensors": ["blocks.0.mlp.fc.weight"],
                        "calibration": {"batches": 2}}
     for name in ("blocks.0.attn.c_q.weight", "tok_emb.weight", "blocks.0.attn_scale"):  # int8, lookup table, scalar
@@ -105,7 +107,7 @@ def test_gptq_weights_only_touch_intn_tensors_and_the_header_records_it():
     assert qw.tensors["blocks.0.mlp.fc.weight"].data.tobytes() != plain.tensors["blocks.0.mlp.fc.weight"].data.tobytes()
 
     blob, info = encode_artifact({"spec": 1}, qw, "zstd")
-    assert blob == encode_artifact({"spec": 1}, quantize_weights_gptq(weights, scheme, hessians,
+    assert blob == encode_artifact({"spec": 1}, quantize_weights_gptq(weights, scheme, hessians, DAMP, BLOCK,
                                                                       record={"calibration": {"batches": 2}}), "zstd")[0]
     _, back, info = parse_artifact(blob)
     assert back.gptq == qw.gptq and info.gptq == qw.gptq
@@ -130,7 +132,7 @@ def test_gptq_applies_agrees_with_the_targets():
 
 def test_a_header_gptq_record_naming_an_unknown_tensor_is_refused():
     weights, hessians = weights_and_hessians()
-    qw = quantize_weights_gptq(weights, "int6", hessians)
+    qw = quantize_weights_gptq(weights, "int6", hessians, DAMP, BLOCK)
     qw.gptq["tensors"].append("blocks.9.nothing")
     with pytest.raises(UserError, match="gptq record"):
         parse_artifact(encode_artifact({}, qw)[0])

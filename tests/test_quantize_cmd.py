@@ -50,7 +50,10 @@ def test_quantize_refuses_flags_that_would_do_nothing_before_any_work(tmp_path, 
         ([str(w), "--out", str(out), "--eval", "--config", str(tmp_path)], "--config " + str(tmp_path) + " is a directory"),
         ([str(w), "--out", str(out), "--batches", "4"], "add --gptq"),
         ([str(w), "--out", str(out), "--gptq", "--damp", "2"], "--damp 2.0"),
-        ([str(w), "--out", str(out), "--gptq", "--scheme", "fp16"], "no tensor"),
+        ([str(w), "--out", str(out), "--gptq", "--block", "0"], "--block 0: expected a positive integer"),
+        ([str(w), "--out", str(out), "--level", "99"], "--level 99: codec zlib takes 0..9"),
+        # ArtifactConfig's check on the scheme; the weights' own check below it (no tensor large enough)
+        ([str(w), "--out", str(out), "--gptq", "--scheme", "fp16"], "--gptq, but no scheme here is one GPTQ applies to"),
         ([str(tmp_path / "tiny.safetensors"), "--out", str(out), "--gptq", "--scheme", "int6"], "65,536 elements"),
     ]
     for argv, expected in cases:

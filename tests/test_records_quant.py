@@ -16,7 +16,7 @@ from core.artifact import (
     CODECS, PREFIX_BYTES, build_artifact, encode_artifact, parse_artifact, shuffle_bytes, unshuffle_bytes,
 )
 from core.bpb import ByteLuts
-from core.config import TrainConfig, config_from_dict
+from core.config import ArtifactConfig, TrainConfig, config_from_dict
 from core.errors import UserError
 from core.gptq import gptq_applies, gptq_quantize, gptq_targets, output_error, quantize_weights_gptq
 from core.loop import Trainer
@@ -26,6 +26,8 @@ from core.runlog import RunLog
 from core.schedule import lr_multiplier
 from core.shards import shard_name, write_shard
 from tests.helpers import StandInBackend
+
+DAMP, BLOCK = ArtifactConfig.gptq_damp, ArtifactConfig.gptq_block  # the defaults live in the config
 
 RNG = np.random.default_rng(0)
 W = (RNG.standard_normal((300, 256)) * np.exp(RNG.normal(0, 0.5, (300, 1)))).astype(np.float32)  # uneven rows
@@ -94,13 +96,13 @@ def test_gptq_with_the_std_clip_keeps_its_one_step_and_beats_rounding():
     base = get_scheme("int6_std12.85")
     steps = base.candidate_steps(W)
     assert len(steps) == 1  # no search
-    r = gptq_quantize(W, h, 31, steps=steps)
+    r = gptq_quantize(W, h, 31, DAMP, BLOCK, steps=steps)
     np.testing.assert_array_equal(r.step, steps[0])  # every row keeps the std step
     rtn = quantize_rows_with_step(W, steps[0], 31)
     gptq_err = output_error(W.astype(np.float64), r.codes, r.step, h).sum()
     rtn_err = output_error(W.astype(np.float64), rtn, steps[0], h).sum()
     assert gptq_err < 0.5 * rtn_err  # measured ~10x lower on this problem
-    again = gptq_quantize(W.copy(), h.copy(), 31, steps=base.candidate_steps(W.copy()))
+    again = gptq_quantize(W.copy(), h.copy(), 31, DAMP, BLOCK, steps=base.candidate_steps(W.copy()))
     assert np.array_equal(again.codes, r.codes) and np.array_equal(again.step, r.step)
 
 
@@ -110,11 +112,11 @@ def test_gptq_takes_the_tied_embedding_only_when_asked():
     scheme = "int6_std12.85;tok_emb.weight=int8_std20"
     hessians = {"tok_emb.weight": correlated_h(192)}
     assert not gptq_applies(weights, scheme) and gptq_applies(weights, scheme, embedding=True)
-    plain = quantize_weights_gptq(weights, scheme, hessians)
+    plain = quantize_weights_gptq(weights, scheme, hessians, DAMP, BLOCK)
     assert plain.gptq["tensors"] == []
     np.testing.assert_array_equal(plain.tensors["tok_emb.weight"].data, quantize_weights(weights, scheme)
                                   .tensors["tok_emb.weight"].data)
-    qw = quantize_weights_gptq(weights, scheme, hessians, embedding=True)
+    qw = quantize_weights_gptq(weights, scheme, hessians, DAMP, BLOCK, embedding=True)
     assert qw.gptq["tensors"] == ["tok_emb.weight"]
     t = qw.tensors["tok_emb.weight"]
     np.testing.assert_array_equal(t.scale, get_scheme("int8_std20").row_steps(emb))  # int8, its own K = 20
@@ -256,7 +258,7 @@ def test_quantize_takes_the_records_options(tmp_path, capsys):
                                               "brotli", 5, 2)
     assert "bs2+brotli-5" in capsys.readouterr().out
     for extra, message in ((["--byte-shuffle", "1"], "--byte-shuffle 1"),
-                           (["--gptq-embedding"], "--gptq-embedding GPTQs the tied embedding too: add --gptq")):
+                           (["--gptq-embedding"], "--gptq-embedding needs --gptq")):
         out.unlink(missing_ok=True)
         assert main(args + extra) == 2
         assert message in capsys.readouterr().err and not out.exists()

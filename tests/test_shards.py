@@ -22,6 +22,7 @@ from core.shards import (
     HEADER_BYTES,
     SHARD_MAGIC,
     TokenStream,
+    first_val_tokens,
     list_shards,
     load_val_tokens,
     next_batch,
@@ -174,6 +175,16 @@ def test_load_val_tokens_truncates_like_upstream(tmp_path):
     assert load_val_tokens(files, seq_len=10).size == 11
     with pytest.raises(UserError, match="seq_len"):
         load_val_tokens(files, seq_len=11)
+
+
+@pytest.mark.parametrize("max_tokens, kept", [(0, 1024), (1024, 1024), (5000, 1024), (999, 992), (64, 64),
+                                              (65, 64), (1, 16)])
+def test_first_val_tokens_keeps_whole_windows_and_at_least_one(max_tokens, kept):
+    """train.val_max_tokens, quantize --eval and eval --max-tokens all cut here: N targets rounded down to
+    whole 16-token windows, never below one window (it once kept none for train, so scored nothing)."""
+    tokens = np.arange(1025, dtype=np.int32)  # 1024 targets: 64 windows, as load_val_tokens returns them
+    got = first_val_tokens(tokens, max_tokens, 16)
+    assert np.array_equal(got, tokens[: kept + 1])
 
 
 # ---------------------------------------------------------------- manifest and resolve_data

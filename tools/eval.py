@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.config import EvalConfig
 from core.depth import check_loops
 from core.errors import UserError
 from core.spec import ModelSpec
@@ -41,10 +41,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"beside the file, else {FALLBACK_SEQ_LEN}; need not be training's)")
     p.add_argument("--stride", type=int, default=0, metavar="S",
                    help="also run the sliding-window eval, scoring S new tokens per window (e.g. 64; <= L)")
-    p.add_argument("--batch-seqs", type=int, default=32, metavar="N", help="windows per forward (default 32)")
+    d = EvalConfig  # the defaults are the config's, not copies
+    p.add_argument("--batch-seqs", type=int, default=d.batch_seqs, metavar="N",
+                   help=f"windows per forward (default {d.batch_seqs})")
     p.add_argument("--hedge", action="store_true",
                    help="also report the Hedge mixer's bpb over the sliding windows (#895 without its entropy expert)")
-    p.add_argument("--hedge-eta", type=float, default=0.1, help="the Hedge rule's learning rate (default 0.1)")
+    p.add_argument("--hedge-eta", type=float, default=d.hedge_eta,
+                   help=f"the Hedge rule's learning rate (default {d.hedge_eta})")
     p.add_argument("--ttt", action="store_true",
                    help="also run score-first test-time training over the sliding windows (#1493; needs --stride)")
     p.add_argument("--set", action="append", default=[], metavar="eval.ttt_KEY=VALUE",
@@ -81,24 +84,24 @@ def resolve_seq_len(args) -> str:
 
 
 def check_args(args) -> None:
-    if args.seq_len < 1:
+    """The flags EvalConfig has are checked by it (an error names the flag), then what only `eval` has."""
+    from tools.flags import config_from_flags
+
+    if args.seq_len < 1:  # before EvalConfig, where 0 means train.seq_len
         raise UserError(f"--seq-len {args.seq_len}: expected a positive integer")
-    if args.stride < 0 or args.stride > args.seq_len:
+    config_from_flags(EvalConfig, "eval", {
+        "stride": ("--stride", args.stride), "seq_len": ("--seq-len", args.seq_len),
+        "batch_seqs": ("--batch-seqs", args.batch_seqs), "hedge": ("--hedge", args.hedge),
+        "hedge_eta": ("--hedge-eta", args.hedge_eta)})
+    if args.stride > args.seq_len:
         raise UserError(f"--stride {args.stride}: expected 0 (off) up to --seq-len ({args.seq_len}); a longer "
                         "stride would leave targets between windows unscored")
-    if args.batch_seqs < 1:
-        raise UserError(f"--batch-seqs {args.batch_seqs}: expected a positive integer")
     if args.max_tokens < 0:
         raise UserError(f"--max-tokens {args.max_tokens}: expected 0 (all) or more")
-    if args.hedge and not args.stride:
-        raise UserError("--hedge mixes over the sliding windows: give --stride too (e.g. --stride 64; "
-                        "--stride equal to --seq-len gives the standard windows)")
     if (args.ttt or args.set) and not args.stride:
         raise UserError("--ttt scores each chunk with the sliding windows: give --stride too (e.g. --stride 64)")
     if args.set and not args.ttt:
         raise UserError(f"--set {args.set[0]}: eval takes only TTT settings, which need --ttt")
-    if not (args.hedge_eta > 0 and math.isfinite(args.hedge_eta)):
-        raise UserError(f"--hedge-eta {args.hedge_eta}: expected a positive number")
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: expected 1 or more")
     if args.json and not Path(args.json).absolute().parent.is_dir():
@@ -139,17 +142,14 @@ def load_data(args, spec: ModelSpec):
     """(data paths, byte tables, val tokens) for the model's vocabulary, or one clear error."""
     from core.bpb import build_byte_luts, check_vocab
     from core.manifest import resolve_data
-    from core.shards import load_val_tokens
+    from core.shards import first_val_tokens, load_val_tokens
     from core.tokenizer import load_tokenizer
 
     data = resolve_data(args.data, args.dataset, dataset_flag="--dataset NAME")
     sp = load_tokenizer(data.tokenizer_path)
     check_vocab(sp, spec.vocab_size, data.tokenizer_path)
     luts = build_byte_luts(sp, spec.vocab_size)
-    tokens = load_val_tokens(data.val_files, args.seq_len)
-    if args.max_tokens:
-        keep = max(min(args.max_tokens, len(tokens) - 1) // args.seq_len, 1) * args.seq_len
-        tokens = tokens[: keep + 1]
+    tokens = first_val_tokens(load_val_tokens(data.val_files, args.seq_len), args.max_tokens, args.seq_len)
     top = int(np.max(tokens))
     if top >= spec.vocab_size:
         raise UserError(f"validation shards in {data.dataset_dir} hold token id {top}, but the model's vocab_size "

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from core.artifact import CODECS, read_artifact, size_report, write_artifact, write_quantized
 from core.errors import UserError
-from core.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, collect_training_hessians, quantize_weights_gptq
-from core.quant import SCHEMES, compose_scheme
+from core.config import ArtifactConfig
+from core.gptq import collect_training_hessians, quantize_weights_gptq
+from core.quant import SCHEMES
 from core.weights import load_weights
 
 
@@ -23,13 +24,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a safetensors weight file into an artifact and report its size")
     p.add_argument("weights", help="loopgolf weights (.safetensors, e.g. RUN_DIR/model.safetensors)")
     p.add_argument("--out", required=True, help="artifact path to write")
-    p.add_argument("--scheme", default="int8", help=f"default scheme ({', '.join(sorted(SCHEMES))}, or intN_stdK, the "
-                   "records' std clip, e.g. int6_std12.85; default int8)")
+    d = ArtifactConfig  # the defaults are the config's, not copies
+    p.add_argument("--scheme", default=d.scheme, help=f"default scheme ({', '.join(sorted(SCHEMES))}, or intN_stdK, "
+                   f"the records' std clip, e.g. int6_std12.85; default {d.scheme})")
     p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SCHEME",
                    help="per-tensor scheme by name, first match wins (repeatable), e.g. --rule '*.mlp.*=int5'")
-    p.add_argument("--codec", default="zlib", help=f"compression ({', '.join(sorted(CODECS))}; default zlib)")
+    p.add_argument("--codec", default=d.codec, help=f"compression ({', '.join(sorted(CODECS))}; default {d.codec})")
     p.add_argument("--level", type=int, help="codec level (default: zlib 9, zstd 22, lzma 9, brotli 11)")
-    p.add_argument("--byte-shuffle", type=int, default=0, metavar="STRIDE",
+    p.add_argument("--byte-shuffle", type=int, default=d.byte_shuffle, metavar="STRIDE",
                    help="split the payload into STRIDE byte planes before compressing (2..8; the records use 2 "
                         "with brotli; default 0: off)")
     p.add_argument("--backend", default="torch", choices=["torch", "mlx"],
@@ -41,8 +43,9 @@ def add_parser(sub) -> None:
                    help="with --gptq: the tied embedding too (#1394: e.g. --rule tok_emb.weight=int8_std20)")
     p.add_argument("--batches", type=int, help="--gptq: training batches to collect Hessians on "
                    "(default: the config's artifact.gptq_batches)")
-    p.add_argument("--damp", type=float, default=DEFAULT_DAMP, help=f"--gptq damping (default {DEFAULT_DAMP})")
-    p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help=f"--gptq columns per block (default {DEFAULT_BLOCK})")
+    p.add_argument("--damp", type=float, default=d.gptq_damp, help=f"--gptq damping (default {d.gptq_damp})")
+    p.add_argument("--block", type=int, default=d.gptq_block,
+                   help=f"--gptq columns per block (default {d.gptq_block})")
     p.add_argument("--eval", action="store_true", help="evaluate the val_bpb of the artifact's round trip")
     p.add_argument("--eval-weights", action="store_true", help="with --eval: also the weights' val_bpb before quantizing")
     p.add_argument("--config", help="run config for --gptq/--eval (default: config.toml beside WEIGHTS)")
@@ -78,24 +81,16 @@ class _Model:
     """The backend and data that --gptq and --eval run the model with."""
 
     def __init__(self, args, spec, weights):
-        from core.bpb import build_byte_luts, check_vocab
         from core.manifest import resolve_data
-        from core.shards import load_val_tokens
-        from core.tokenizer import load_tokenizer
+        from core.run import load_eval_data
         from tools.backends import build_backend, resolve_backend
 
         self.cfg = cfg = _run_config(args)
         self.data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None,
                                  dataset_flag="data.dataset in the run's config (or --config)")
         self.backend = build_backend(resolve_backend(args.backend), spec, weights, cfg.train, cfg.optim)
-        if args.eval:
-            sp = load_tokenizer(self.data.tokenizer_path)
-            check_vocab(sp, spec.vocab_size, self.data.tokenizer_path)
-            self.luts = build_byte_luts(sp, spec.vocab_size)
-            self.val_tokens = load_val_tokens(self.data.val_files, cfg.train.seq_len, spec.vocab_size)
-            if cfg.train.val_max_tokens:  # as the run evaluated (tools/train.py)
-                keep = (min(cfg.train.val_max_tokens, len(self.val_tokens) - 1) // cfg.train.seq_len) * cfg.train.seq_len
-                self.val_tokens = self.val_tokens[: keep + 1]
+        if args.eval:  # the tokens the run evaluated (train.val_max_tokens), for the weights' vocabulary
+            self.luts, self.val_tokens = load_eval_data(cfg, self.data, spec.vocab_size)
 
     def val_bpb(self, weights) -> float:
         from core.loop import evaluate
@@ -113,26 +108,28 @@ def _check_gptq_targets(path, weights, scheme: str, embedding: bool) -> None:
                         f"int8_search, intN_stdK) under {scheme!r}; {NO_TARGETS}")
 
 
+def artifact_config(args: argparse.Namespace) -> ArtifactConfig:
+    """The flags as an ArtifactConfig, checked by it (an error names the flag)."""
+    from tools.flags import config_from_flags
+
+    return config_from_flags(ArtifactConfig, "artifact", {
+        "scheme": ("--scheme", args.scheme), "rules": ("--rule", args.rule), "codec": ("--codec", args.codec),
+        "level": ("--level", args.level), "byte_shuffle": ("--byte-shuffle", args.byte_shuffle),
+        "gptq": ("--gptq", args.gptq), "gptq_damp": ("--damp", args.damp), "gptq_block": ("--block", args.block),
+        "gptq_embedding": ("--gptq-embedding", args.gptq_embedding)})
+
+
 def run_quantize(args: argparse.Namespace) -> int:
-    if args.codec not in CODECS:
-        raise UserError(f"--codec {args.codec!r}: expected one of {', '.join(sorted(CODECS))}")
+    art = artifact_config(args)
     if args.batches is not None and args.batches < 1:
         raise UserError(f"--batches {args.batches}: expected a positive number of training batches")
-    if args.block < 1:
-        raise UserError(f"--block {args.block}: expected a positive number of columns")
-    if not 0 <= args.damp < 1:
-        raise UserError(f"--damp {args.damp}: expected a fraction of the mean Hessian diagonal in [0, 1)")
-    if args.gptq_embedding and not args.gptq:
-        raise UserError("--gptq-embedding GPTQs the tied embedding too: add --gptq")
-    if args.byte_shuffle != 0 and not 2 <= args.byte_shuffle <= 8:
-        raise UserError(f"--byte-shuffle {args.byte_shuffle}: expected a stride from 2 to 8 (or 0: off)")
     if args.batches is not None and not args.gptq:
         raise UserError(f"--batches {args.batches} sets the Hessian batches of --gptq: add --gptq, or drop it")
     if args.eval_weights and not args.eval:
         raise UserError("--eval-weights evaluates beside the artifact's round trip: add --eval")
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a directory; expected the artifact's file path, e.g. model.art")
-    scheme = compose_scheme(args.scheme, args.rule)
+    scheme = art.quant_scheme
     spec, weights = load_weights(args.weights)
     if args.gptq:  # before minutes of Hessians
         if args.gptq_embedding and not spec.tie_embeddings:
@@ -145,15 +142,15 @@ def run_quantize(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         hessians, record = collect_training_hessians(model.backend, model.data.train_files, model.cfg, batches)
         t1 = time.perf_counter()
-        qw = quantize_weights_gptq(weights, scheme, hessians, args.damp, args.block, record,
-                                   embedding=args.gptq_embedding)
-        info = write_quantized(args.out, spec.to_dict(), qw, codec=args.codec, level=args.level,
-                               byte_shuffle=args.byte_shuffle)
+        qw = quantize_weights_gptq(weights, scheme, hessians, art.gptq_damp, art.gptq_block, record,
+                                   embedding=art.gptq_embedding)
+        info = write_quantized(args.out, spec.to_dict(), qw, codec=art.codec, level=art.level,
+                               byte_shuffle=art.byte_shuffle)
         print(f"gptq: {len(qw.gptq['tensors'])} tensors, Hessians from {batches} training batches "
               f"({record['calibration']['tokens']:,} tokens) in {t1 - t0:.1f}s, solved in {time.perf_counter() - t1:.1f}s")
     else:
-        info = write_artifact(args.out, spec.to_dict(), weights, scheme=scheme, codec=args.codec, level=args.level,
-                              byte_shuffle=args.byte_shuffle)
+        info = write_artifact(args.out, spec.to_dict(), weights, scheme=scheme, codec=art.codec, level=art.level,
+                              byte_shuffle=art.byte_shuffle)
     print(f"wrote {args.out}: {info.total_bytes:,} bytes ({scheme}, {info.codec_label})")
     print(size_report(info, _code_bytes(args)))
     if args.eval:
