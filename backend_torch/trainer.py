@@ -130,7 +130,7 @@ class TorchBackend:
         self._eval_fns: dict = {}  # (kind, layers) -> eval function, built on first use
         self._depth_schedule = train.depth_schedule  # the stages set_depth switches between (core.depth)
         self._average = None  # the EMA, on the device: see average_update
-        self._depth_variants: dict[int, tuple] = {}  # layers -> (loss, loss_sum), one compiled pair per depth
+        self._depth_variants: dict[tuple, tuple] = {}  # (layers, QAT setting) -> (loss, loss_sum), compiled once
         self.set_depth(spec.num_layers)
         self._lr = torch.zeros((), dtype=torch.float32, device=self.torch_device)
         self._momentum = torch.zeros((), dtype=torch.float32, device=self.torch_device)
