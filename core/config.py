@@ -33,6 +33,9 @@ class TrainConfig:
     warmup_steps: int = 20  # priming steps (compile, allocator), then weights and optimizer are restored
     warmdown_iters: int = 1200
     warmdown_start_step: int = 0  # >0: step-based warmdown from this step (PR #470); else wallclock-based
+    # >0: linear warmdown to 0 over this last fraction of the training clock (of train.iterations with no cap),
+    # #1394/#1493's WARMDOWN_FRAC (0.667, 0.72); it replaces warmdown_iters' estimate from the average step time.
+    warmdown_fraction: float = 0.0
     max_wallclock_seconds: float = 600.0  # 0: no cap
     seed: int = 1337
     compute_dtype: str = "auto"  # "auto" (bf16 on GPU/Metal, fp32 on CPU), "float32", "bfloat16"
@@ -65,6 +68,10 @@ class TrainConfig:
                     "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} = {getattr(self, key)}: expected 0 or more")
+        if not 0 <= self.warmdown_fraction <= 1:
+            raise UserError(f"train.warmdown_fraction = {self.warmdown_fraction}: expected 0 (off) or a fraction in (0, 1]")
+        if self.warmdown_fraction > 0 and self.warmdown_start_step > 0:
+            raise UserError("train.warmdown_fraction and train.warmdown_start_step are both set; choose one warmdown")
         if self.max_wallclock_seconds < 0:
             raise UserError(f"train.max_wallclock_seconds = {self.max_wallclock_seconds}: expected 0 or more")
         if self.gptq_reserve_seconds < 0 or (self.max_wallclock_seconds > 0

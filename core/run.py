@@ -25,6 +25,7 @@ ENV_KNOBS = {
     "VAL_BATCH_SIZE": "train.val_batch_tokens",
     "WARMUP_STEPS": "train.warmup_steps",
     "WARMDOWN_ITERS": "train.warmdown_iters",
+    "WARMDOWN_FRAC": "train.warmdown_fraction",  # #1394/#1493's knob
     "GRAD_ACCUM_STEPS": "train.grad_accum_steps",
     "SEED": "train.seed",
     "MATRIX_LR": "optim.matrix_lr",

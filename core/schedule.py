@@ -40,7 +40,13 @@ def lr_multiplier(step: int, elapsed_ms: float, train: TrainConfig) -> float:
     - a wallclock cap: warm down over the last warmdown_iters * (average ms/step) of the budget
       (max_wallclock_seconds less train.gptq_reserve_seconds).
     - no cap: warm down over the last warmdown_iters steps of train.iterations.
+    - warmdown_fraction > 0 (#1394/#1493): with frac = elapsed / cap (step / iterations with no cap),
+      (1 - frac) / warmdown_fraction once frac >= 1 - warmdown_fraction, down to 0.
     """
+    if train.warmdown_fraction > 0:
+        cap_ms = train.train_wallclock_seconds * 1000.0
+        frac = elapsed_ms / cap_ms if cap_ms > 0 else step / train.iterations
+        return max(min((1.0 - frac) / train.warmdown_fraction, 1.0), 0.0)
     if train.warmdown_iters <= 0:
         return 1.0
     if train.warmdown_start_step > 0:

@@ -38,3 +38,23 @@ def test_muon_momentum_warmup():
     assert muon_momentum(0, o) == pytest.approx(0.85)
     assert muon_momentum(250, o) == pytest.approx(0.90)
     assert muon_momentum(5000, o) == pytest.approx(0.95)
+
+
+def test_warmdown_fraction_of_the_training_clock_as_the_records():
+    """#1394's WARMDOWN_FRAC: 1 until the last fraction of the clock (cap less the GPTQ reserve), then linear to 0."""
+    t = TrainConfig(warmdown_fraction=0.5, max_wallclock_seconds=600, gptq_reserve_seconds=12, warmdown_iters=7)
+    assert lr_multiplier(10, 0, t) == 1.0 and lr_multiplier(10, 294_000 * 0.999, t) == 1.0
+    assert lr_multiplier(10, 441_000, t) == pytest.approx(0.5)  # 3/4 of the 588 s clock
+    assert lr_multiplier(10, 588_000, t) == 0.0 and lr_multiplier(10, 700_000, t) == 0.0
+    steps = TrainConfig(warmdown_fraction=0.25, max_wallclock_seconds=0, iterations=100)
+    assert lr_multiplier(75, 1e9, steps) == 1.0 and lr_multiplier(90, 0, steps) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("kw, match", [({"warmdown_fraction": 1.5}, "warmdown_fraction = 1.5"),
+                                       ({"warmdown_fraction": -0.1}, "warmdown_fraction"),
+                                       ({"warmdown_fraction": 0.5, "warmdown_start_step": 10}, "choose one")])
+def test_warmdown_fraction_bad_values(kw, match):
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        TrainConfig(**kw)
