@@ -28,6 +28,7 @@ RECIPE = [
     "artifact.gptq_embedding=true", "artifact.gptq_batches=1", 'artifact.codec="brotli"', "artifact.byte_shuffle=2",
     # the records' model parts (tests/test_record_parts.py): block 1 of the demo's 2x3 parallel, gated skips
     'model.parallel_blocks="1"', "model.skip_gates=true", "model.ln_scale=true", "model.qk_gain_init=5.25",
+    "train.warmdown_fraction=0.5",  # of the 8 steps here (no cap); the records' is of the wallclock
 ]
 
 
