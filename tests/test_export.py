@@ -248,33 +248,41 @@ def test_unfinished_run_is_refused(tmp_path, capsys):
     assert "has not finished" in _error_line(capsys)
 
 
-def test_unbundlable_code_names_file_and_line(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_core(tmp_path, monkeypatch):
+    """fake_core({"a.py": source, ...}): a package `core` of these modules under tmp_path, which the bundler
+    reads in place of the repository's."""
+    from tools import bundle
+
+    def make(modules: dict[str, str]) -> None:
+        pkg = tmp_path / "core"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        for name, source in modules.items():
+            (pkg / name).write_text(source)
+        monkeypatch.setattr(bundle, "ROOT", tmp_path)
+
+    return make
+
+
+def test_unbundlable_code_names_file_and_line(fake_core):
     """A module the bundler cannot inline (here `import *`) is refused with its file and line."""
     from tools import bundle
 
-    pkg = tmp_path / "core"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from core.b import *\n")
-    (pkg / "b.py").write_text("X = 1\n")
-    monkeypatch.setattr(bundle, "ROOT", tmp_path)
+    fake_core({"a.py": "from core.b import *\n", "b.py": "X = 1\n"})
     with pytest.raises(bundle.BundleError, match=r"core/a.py:1: 'import \*'"):
         bundle.Bundle("core.a").flatten()
 
 
-def test_bundler_renames_clashing_globals_and_resolves_module_attributes(tmp_path, monkeypatch):
+def test_bundler_renames_clashing_globals_and_resolves_module_attributes(fake_core):
     from tools import bundle
     from tools.prune import prune
 
-    pkg = tmp_path / "core"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("def helper():\n    return 'a'\n\ndef use_a():\n    return helper()\n")
-    (pkg / "b.py").write_text("def helper():\n    return 'b'\n")
-    (pkg / "main.py").write_text(
-        "from core import b as bee\nfrom core.a import use_a\n\n"
-        "def run(helper='local'):\n    return use_a() + bee.helper() + helper\n\nRESULT = run()\n")
-    monkeypatch.setattr(bundle, "ROOT", tmp_path)
+    fake_core({
+        "a.py": "def helper():\n    return 'a'\n\ndef use_a():\n    return helper()\n",
+        "b.py": "def helper():\n    return 'b'\n",
+        "main.py": "from core import b as bee\nfrom core.a import use_a\n\n"
+                   "def run(helper='local'):\n    return use_a() + bee.helper() + helper\n\nRESULT = run()\n"})
     source = ast.unparse(prune(bundle.Bundle("core.main").flatten()))
     namespace: dict = {}
     exec(compile(source, "bundle", "exec"), namespace)
