@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import typing
 from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.spec_text import check_layers, parse_indices, parse_layer_plan
 from core.tables import check_known_keys, coerce, read_toml
 
 # torch's F.rms_norm default for float32 (eps=None -> finfo(float32).eps), which upstream train_gpt.py uses.
@@ -26,7 +26,6 @@ MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 LOOP_GATE_STYLES = ("every_loop", "seed319")
 # Sizes refused before anything is allocated (a typo like model_dim=1000000000 or "1x100000000" should be one
 # line, not numpy's MemoryError or a hang). Far above anything trainable, so no real model meets them.
-MAX_LAYERS = 4096  # effective layers (the seeds use 9 to 27)
 MAX_STATE_BYTES = 1 << 40  # fp32 weights, gradients and optimizer state of one process: 1 TiB
 MAX_ACTIVATION_BYTES_PER_TOKEN = 1 << 30  # fp32 activations kept for backward, per token: 1 GiB
 
@@ -90,7 +89,7 @@ class ModelSpec:
             if getattr(self, name) < 1:
                 raise UserError(f"model.{name} = {getattr(self, name)}: expected a positive integer")
         for name in ("num_layers", "num_blocks", "value_embeds"):  # before any per-layer or per-table list exists
-            _check_layers(getattr(self, name), f"model.{name}")
+            check_layers(getattr(self, name), f"model.{name}")
         if self.mlp_hidden < 0:
             raise UserError(f"model.mlp_hidden = {self.mlp_hidden}: expected 0 (mlp_mult * model_dim) or a positive size")
         if self.mlp_activation not in MLP_ACTIVATIONS:
@@ -182,7 +181,7 @@ class ModelSpec:
                 raise UserError(f"model.{name} = {getattr(self, name)}: expected 0 (off) or a positive integer")
         if self.ve_dim < 1:
             raise UserError(f"model.ve_dim = {self.ve_dim}: expected a positive integer")
-        layers = _indices(self.ve_layers, "model.ve_layers", "effective layer", "9,10")
+        layers = parse_indices(self.ve_layers, "model.ve_layers", "effective layer", "9,10")
         # Canonical form, so equal specs compare (and serialise) equal (core.depth.truncated_spec drops the
         # layers a truncated plan no longer has).
         object.__setattr__(self, "ve_layers", ",".join(map(str, layers)))
@@ -196,7 +195,7 @@ class ModelSpec:
                             "model.per_layer_scales = true replaces; switch one off")
 
     def _check_record_parts(self) -> None:
-        blocks = _indices(self.parallel_blocks, "model.parallel_blocks", "physical block", "7,8,9,10")
+        blocks = parse_indices(self.parallel_blocks, "model.parallel_blocks", "physical block", "7,8,9,10")
         object.__setattr__(self, "parallel_blocks", ",".join(map(str, blocks)))  # canonical, as ve_layers
         if blocks and blocks[-1] >= self.num_blocks:
             raise UserError(f"model.parallel_blocks = {self.parallel_blocks!r}: block {blocks[-1]} is past the "
@@ -440,7 +439,7 @@ class ModelSpec:
             # Flat model: one block per layer, as upstream's NUM_LAYERS.
             n = values.get("num_layers", values.get("num_blocks"))
             for name in ("num_layers", "num_blocks"):
-                _check_layers(values.get(name, 0), f"{where}.{name}")
+                check_layers(values.get(name, 0), f"{where}.{name}")
             values.setdefault("num_layers", n)
             values.setdefault("num_blocks", n)
             values["layer_plan"] = tuple(range(values["num_blocks"]))[: values["num_layers"]]
@@ -476,58 +475,3 @@ class ModelSpec:
 
 def _size(n: int) -> str:
     return f"{n / 2**40:,.1f} TiB" if n >= 2**40 else f"{n / 2**30:,.1f} GiB"
-
-
-def _indices(text: str, key: str, what: str, example: str) -> list[int]:
-    """The distinct indices of a string key like model.ve_layers ("9,10" or "9 10"), ascending."""
-    parts = text.replace(",", " ").split()
-    # ASCII digits only ('²'.isdigit() holds, int() refuses it), and no int() of 4300+ digits (it raises).
-    if not all(t.isascii() and t.isdigit() and len(t) <= len(str(MAX_LAYERS)) for t in parts):
-        raise UserError(f"{key} = {text[:40]!r}: expected {what} indices, e.g. {example!r}")
-    indices = sorted({int(t) for t in parts})
-    if len(indices) != len(parts):
-        raise UserError(f"{key} = {text!r} names a {what.split()[-1]} twice")
-    return indices
-
-
-def _check_layers(n: int, key: str) -> None:
-    if n > MAX_LAYERS:
-        raise UserError(f"{key} = {n:,}: at most {MAX_LAYERS:,}")
-
-
-_CYCLE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
-
-
-def parse_layer_plan(value: Any, num_layers: int | None, key: str) -> tuple[tuple[int, ...], int]:
-    """Expand a plan and return (plan, num_blocks implied by it).
-
-    Accepted: a list of block indices; a string of them ("0 1 2 3 4 5 4 5 6 7 8"); "KxR" for K blocks
-    cycled R times (0 1 .. K-1 repeated R times); "flat" for one block per layer (needs num_layers).
-    """
-    if isinstance(value, str):
-        text = value.strip()
-        m = _CYCLE.match(text)
-        if m:
-            k, r = int(m.group(1)), int(m.group(2))
-            if k < 1 or r < 1:
-                raise UserError(f"{key} = {value!r}: 'KxR' needs K >= 1 blocks and R >= 1 repeats")
-            _check_layers(k * r, f"{key} = {value!r}: K x R")  # before the plan is built
-            return tuple(list(range(k)) * r), k
-        if text == "flat":
-            if num_layers is None:
-                raise UserError(f"{key} = 'flat' needs model.num_layers")
-            _check_layers(num_layers, "model.num_layers")
-            return tuple(range(num_layers)), num_layers
-        parts = text.replace(",", " ").split()
-        if not parts or not all(p.isdigit() for p in parts):
-            raise UserError(
-                f"{key} = {value!r}: expected 'KxR' (e.g. '3x4'), 'flat', or block indices like '0 1 2 0 1 2'"
-            )
-        plan = tuple(int(p) for p in parts)
-    else:
-        plan = coerce(value, list[int], key)
-        if not plan:
-            raise UserError(f"{key} is empty: expected at least one layer")
-        if any(b < 0 for b in plan):
-            raise UserError(f"{key} has a negative block index: {list(plan)}")
-    return plan, max(plan) + 1

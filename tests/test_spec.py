@@ -45,6 +45,11 @@ def test_plans_and_shorthands(table, plan, blocks):
         ({"vocab_size": 70000}, "at most 65536"),
         ({"logit_softcap": 0}, "model.logit_softcap = 0.0: expected a positive number"),
         ({"layer_plan": "3y4"}, "expected 'KxR'"),
+        # Text int() refuses (a traceback before core.spec_text): a non-ASCII digit, 4300+ digits.
+        ({"layer_plan": "0 \u00b2"}, "expected 'KxR'"),
+        ({"layer_plan": "0 " + "9" * 5000}, "model.layer_plan: a block index of 5,000 digits; at most 4,096 blocks"),
+        ({"layer_plan": "9" * 5000 + "x2"}, "'KxR' with K x R at most 4,096"),
+        ({"ve_layers": "\u00b2"}, "model.ve_layers = '\u00b2': expected effective layer indices"),
         ({"depth": "3x4", "layer_plan": "3x4"}, "either model.depth or model.layer_plan"),
     ],
 )
