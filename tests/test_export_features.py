@@ -29,6 +29,8 @@ RECIPE = [
     # the records' model parts (tests/test_record_parts.py): block 1 of the demo's 2x3 parallel, gated skips
     'model.parallel_blocks="1"', "model.skip_gates=true", "model.ln_scale=true", "model.qk_gain_init=5.25",
     "train.warmdown_fraction=0.5",  # of the 8 steps here (no cap); the records' is of the wallclock
+    # the records' loop switch-on (core/depth.py): blocks 0-3 flat, then 1-2 twice, from half the steps
+    'model.layer_plan="0 1 2 1 2 3"', 'train.depth_schedule="0.5:flat,1.0:full"', 'train.depth_schedule_by="step"',
 ]
 
 
@@ -97,6 +99,8 @@ def test_the_records_options_reach_the_exported_script(demo_data, tmp_path):
 
     ours, theirs = ([e["train_loss"] for e in events(r, "train")] for r in (run, script_run))
     assert len(theirs) == STEPS and theirs == ours  # same options, data order, seed and thread count
+    switches = [[(e["step"], e["layers"]) for e in events(r, "depth")] for r in (run, script_run)]
+    assert switches[0] == switches[1] == [(0, 4), (4, 6)]
     art = artifact_of(script_run)
     assert art.read_bytes() == artifact_of(run).read_bytes()
     _, qw, info = load_quantized(art)
