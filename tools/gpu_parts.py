@@ -91,7 +91,8 @@ def run_parity(part: dict) -> dict:
     from core.params import param_table
     from core.schedule import muon_momentum
     from core.tolerances import ADAM_GRAD_FLOOR, tolerance
-    from tools.parity import _group_rows, perturbed_weights, synthetic_batch
+    from tools.parity import perturbed_weights, synthetic_batch
+    from tools.parity_checks import group_rows
     from tools.parity_rows import compare
 
     cfg = _config(part)
@@ -122,7 +123,7 @@ def run_parity(part: dict) -> dict:
         delta = lambda w: {k: w[k].astype(np.float64) - weights[k] for k in weights}  # noqa: E731
         floor = ADAM_GRAD_FLOOR.get(dtype)
         masks = {k: np.abs(g) >= floor * np.abs(g).max() for k, g in grads.items()} if floor else None
-        rows += _group_rows("train_step", table, weights, delta(ref["weights"]), delta(got["weights"]), dtype,
+        rows += group_rows("train_step", table, weights, delta(ref["weights"]), delta(got["weights"]), dtype,
                             "step_muon", "step_adam", masks)
         rows.append(compare("loss after the step", ref["loss_after"], got["loss_after"],
                             tolerance("after_step_loss", dtype)))

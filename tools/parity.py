@@ -6,7 +6,8 @@
 Both backends are built from ONE weight file: init_weights(spec, seed) nudged off its init by a seeded
 perturbation (zero-initialised projections would make every block the identity and hide attention and
 MLP bugs), written with core.weights.save_weights and read back with load_weights, the real path, then
-handed to each backend's trainer. The checks, in the order a bug would show first:
+handed to each backend's trainer. The checks (tools/parity_checks.py, one function per phase), in the order
+a bug would show first:
 
 - per op on small random inputs: RMSNorm, RoPE, attention with GQA, MLP, softcap, cross-entropy;
 - each effective layer's hidden state (naming the block it runs), the logits and the loss;
@@ -40,13 +41,13 @@ import numpy as np
 
 from core.config import RunConfig, load_config
 from core.errors import UserError
-from core.params import EMBED, GROUPS, MATRIX, param_table
-from core.quant import STD_SCHEME
-from core.schedule import muon_momentum
 from core.spec import ModelSpec
-from core.tolerances import ADAM_GRAD_FLOOR, NOT_COMPARED, tolerance
+from core.tolerances import NOT_COMPARED
+from tools.parity_checks import (
+    Pair, artifact_rows, backward_rows, export_row, forward_rows, op_rows, qat_rows, train_step_rows, update_rows,
+)
 # HEADER and format_report are part of this module's interface (tests, tools): re-exported.
-from tools.parity_rows import HEADER, Row, compare, compare_exact, compare_group, first_divergence, format_report  # noqa: F401
+from tools.parity_rows import HEADER, Row, first_divergence, format_report  # noqa: F401
 
 DTYPES = ("float32", "bfloat16")
 PERTURB_VECTOR = 0.05  # std of the nudge on 1-D tensors; matrices get 0.5 / sqrt(fan_in)
@@ -119,17 +120,6 @@ def _torch_threads_restored():
         torch.set_num_threads(before)
 
 
-def _np(x) -> np.ndarray:
-    """A backend array (MLX or torch, any float dtype) as float64 numpy."""
-    if hasattr(x, "detach"):
-        import torch
-
-        return x.detach().to("cpu", torch.float64).numpy()
-    import mlx.core as mx
-
-    return np.array(x.astype(mx.float32), dtype=np.float64)
-
-
 def save_and_load(spec: ModelSpec, weights: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
     """Through the real weight-file path: core.weights.save_weights, then load_weights."""
     from core.weights import load_weights, save_weights
@@ -151,254 +141,43 @@ def parity_rows(cfg: RunConfig, dtype: str = "float32", seed: int = 1337, progre
 
 
 def _parity_rows(cfg: RunConfig, dtype: str, seed: int, tmp: Path, progress) -> list[Row]:
-    import mlx.core as mx
+    """The phases in table order; each returns its rows (see the module docstring)."""
     import torch
 
-    from backend_mlx import model as mm
-    from backend_mlx import optim as mo
     from backend_mlx.trainer import MLXBackend
-    from backend_torch import model as tm
-    from backend_torch import optim as to
     from backend_torch.trainer import TorchBackend
-    from core import artifact as art
-    from core.quant import dequantize_weights
 
     spec, optim = cfg.model, cfg.optim
     train = dataclasses.replace(cfg.train, compute_dtype=dtype)
-    mdt, tdt = {"float32": (mx.float32, torch.float32), "bfloat16": (mx.bfloat16, torch.bfloat16)}[dtype]
-    T = lambda a: torch.tensor(np.asarray(a))  # noqa: E731
-    M = mx.array
-    rows: list[Row] = []
-    table = param_table(spec)
-
     weights = save_and_load(spec, perturbed_weights(spec, seed), tmp / "parity.safetensors")
     progress("building both trainers")
-    mlx_tr = MLXBackend(spec, weights, train, optim)
-    torch_tr = TorchBackend(spec, weights, train, optim, device="cpu")
+    pair = Pair(spec, dtype, weights, MLXBackend(spec, weights, train, optim),
+                TorchBackend(spec, weights, train, optim, device="cpu"))
     torch.set_num_threads(1)  # see _torch_threads_restored
+    x, y = synthetic_batch(spec.vocab_size, OP_BATCH, cfg.train.seq_len, np.random.default_rng([seed, 2]))
     try:
         # What each backend holds, back at the numpy boundary (the artifact is built from these).
-        exported = {"mlx": mlx_tr.get_weights(), "torch": torch_tr.get_weights()}
-        rows.append(_export_row(weights, exported))
-        pm, pt = mlx_tr.params, torch_tr.params
-
-        # ---- per op ----
+        exported = {"mlx": pair.mlx.get_weights(), "torch": pair.torch.get_weights()}
+        rows = [export_row(weights, exported)]
         progress("per-op checks")
-        rng = np.random.default_rng([seed, 1])
-        seq = cfg.train.seq_len
-        h = rng.normal(size=(OP_BATCH, seq, spec.model_dim)).astype(np.float32)
-        heads = rng.normal(size=(OP_BATCH, spec.num_heads, seq, spec.head_dim)).astype(np.float32)
-        z = (20.0 * rng.normal(size=(OP_BATCH, seq, spec.vocab_size))).astype(np.float32)
-        ids = rng.integers(0, spec.vocab_size, (OP_BATCH, seq)).astype(np.int32)
-        # RMSNorm's input spans rows of rms 1e-4 .. 10, so its epsilon matters in some of them.
-        small = (h * 10.0 ** rng.uniform(-4, 1, (OP_BATCH, seq, 1))).astype(np.float32)
-        hm, ht = M(h).astype(mdt), T(h).to(tdt)
-        op, op32 = tolerance("op", dtype), tolerance("op_fp32", dtype)
-        gqa = f"{'GQA ' if spec.num_kv_heads < spec.num_heads else ''}{spec.num_heads}q/{spec.num_kv_heads}kv"
-        b0 = f"blocks.{spec.layer_plan[0]}."
-        with torch.no_grad():
-            cases = [
-                ("op rms_norm", mm.rms_norm(M(small).astype(mdt), spec.norm_eps),
-                 tm.rms_norm(T(small).to(tdt), spec.norm_eps), op),
-                ("op rope", mm.rotary(M(heads).astype(mdt), spec), tm.rotary(T(heads).to(tdt), spec),
-                 tolerance("rope", dtype, seq_len=seq)),
-                (f"op attention ({gqa})", mm.attention(spec, pm, b0 + "attn.", hm),
-                 tm.attention(spec, pt, b0 + "attn.", ht), op),
-                (f"op mlp ({spec.mlp_activation})", mm.mlp(pm, b0 + "mlp.", hm, spec.mlp_activation),
-                 tm.mlp(pt, b0 + "mlp.", ht, spec.mlp_activation), op),
-                ("op softcap (fp32 logits)", mm.softcap(M(z), spec.logit_softcap),
-                 tm.softcap(T(z), spec.logit_softcap), op32),
-                ("op cross_entropy (fp32)", mm.cross_entropy(M(z), M(ids)), tm.cross_entropy(T(z), T(ids)), op32),
-            ]
-            for b in spec.parallel_block_list:  # #1493's parallel residual: the whole block, at its first layer
-                layer = spec.layer_plan.index(b)
-                cases.append((f"op block {b} (parallel residual)", mm.block(spec, pm, b, hm, hm, layer),
-                              tm.block(spec, pt, b, ht, ht, layer), tolerance("hidden", dtype)))  # one layer's band
-            rows += [compare(name, _np(a), _np(b), tol) for name, a, b, tol in cases]
-
-        # ---- the whole model: each effective layer, logits, loss ----
+        rows += op_rows(pair, OP_BATCH, cfg.train.seq_len, np.random.default_rng([seed, 1]))
         progress("forward")
-        x, y = synthetic_batch(spec.vocab_size, OP_BATCH, seq, np.random.default_rng([seed, 2]))
-        layers_m, layers_t = [], []
-        logits_m = mm.softcap(mm.linear(mm.hidden_states(spec, pm, M(x), mdt, collect=layers_m),
-                                        _head(spec, pm)).astype(mx.float32), spec.logit_softcap)
-        with torch.no_grad():
-            logits_t = tm.softcap(tm.linear(tm.hidden_states(spec, pt, T(x), tdt, collect=layers_t),
-                                            _head(spec, pt)).to(torch.float32), spec.logit_softcap)
-        if len(layers_m) != spec.num_layers or len(layers_t) != spec.num_layers:
-            raise AssertionError(f"collected {len(layers_m)} (mlx) and {len(layers_t)} (torch) layers, "
-                                 f"expected {spec.num_layers}")
-        hid = tolerance("hidden", dtype)
-        for layer, (a, b) in enumerate(zip(layers_m, layers_t)):
-            rows.append(compare(f"layer {layer} (block {spec.layer_plan[layer]})", _np(a), _np(b), hid))
-        rows.append(compare("logits", _np(logits_m), _np(logits_t), tolerance("logits", dtype)))
-
-        # ---- one backward pass ----
+        rows += forward_rows(pair, x)
         progress("backward")
-        loss_m, grads_m = mx.value_and_grad(lambda p: mm.mean_loss(spec, p, M(x), M(y), mdt))(pm)
-        for p in pt.values():
-            p.grad = None
-        loss_t = tm.mean_loss(spec, pt, T(x), T(y), tdt)
-        loss_t.backward()
-        rows.append(compare("loss", _np(loss_m), _np(loss_t), tolerance("loss", dtype)))
-        gtol = tolerance("grad", dtype, seq_len=seq)
-        grads_np = {}
-        for info in table:
-            gm, gt = grads_m[info.name], pt[info.name].grad
-            if gt is None:
-                rows.append(Row(f"grad {info.name}", None, None, None, False, "torch: no gradient"))
-                continue
-            rows.append(compare(f"grad {info.name}", _np(gm), _np(gt), gtol))
-            grads_np[info.name] = gt.detach().numpy().astype(np.float32)
-        for p in pt.values():
-            p.grad = None
-
-        # ---- one optimizer step on the same numpy gradients, then one with decoupled weight decay ----
+        backward, grads = backward_rows(pair, x, y)
+        rows += backward
         progress("optimizer step")
-        if len(grads_np) == len(table):
-            for prefix, opt in (("update", optim), ("update+wd", with_weight_decay(optim)),
-                                ("update+row_norm", dataclasses.replace(optim, muon_row_normalize=True))):
-                momentum = muon_momentum(0, opt)
-                p_m = {k: M(v) for k, v in weights.items()}
-                p_m, _ = mo.make_update(spec, opt)(p_m, mo.init_state(spec), {k: M(v) for k, v in grads_np.items()},
-                                                   mx.array(1.0), mx.array(momentum))
-                p_t = {k: T(v) for k, v in weights.items()}
-                to.make_update(spec, opt)(p_t, to.init_state(spec), {k: T(v) for k, v in grads_np.items()},
-                                          torch.tensor(1.0), torch.tensor(momentum))
-                delta_m = {k: np.array(v, np.float64) - weights[k] for k, v in p_m.items()}
-                delta_t = {k: p_t[k].numpy().astype(np.float64) - weights[k] for k in p_t}
-                group_rows = _group_rows(prefix, table, weights, delta_m, delta_t, dtype, "update_muon", "update_adam")
-                if prefix == "update+row_norm":  # it changes Muon only: Adam's rows would repeat 'update'
-                    group_rows = [r for r in group_rows if r.kind == "update_muon"]
-                rows += group_rows
-        else:
-            rows.append(Row("update (same numpy gradients)", None, None, None, False, "skipped: missing gradients"))
-
-        # ---- one full train_step of each trainer ----
+        rows += update_rows(pair, optim, grads)
         progress("train_step")
-        lm = mlx_tr.train_step([(x, y)], 1.0, muon_momentum(0, optim))
-        lt = torch_tr.train_step([(x, y)], 1.0, muon_momentum(0, optim))
-        rows.append(compare("train_step loss", lm, lt, tolerance("step_loss", dtype)))
-        lm, lt = mlx_tr.eval_loss_sum(x, y) / x.size, torch_tr.eval_loss_sum(x, y) / x.size
-        rows.append(compare("train_step loss after the step", lm, lt, tolerance("after_step_loss", dtype)))
-        after_m, after_t = mlx_tr.get_weights(), torch_tr.get_weights()
-        delta_m = {k: after_m[k].astype(np.float64) - weights[k] for k in weights}
-        delta_t = {k: after_t[k].astype(np.float64) - weights[k] for k in weights}
-        # Adam's first step is lr * g / (|g| + eps): where g is within the gradients' own rounding of 0 it maps
-        # that noise onto up to +-lr, so those few elements are left out (counted in the note).
-        floor = ADAM_GRAD_FLOOR.get(dtype, 0.0)
-        masks = {k: np.abs(g) >= floor * np.abs(g).max() for k, g in grads_np.items()}
-        rows += _group_rows("train_step", table, weights, delta_m, delta_t, dtype, "step_muon", "step_adam", masks)
+        rows += train_step_rows(pair, optim, x, y, grads)
     finally:
-        torch_tr.close()
-
-    # ---- the artifact ----
+        pair.torch.close()
     progress("artifact")
-    a = cfg.artifact
-    scheme = getattr(a, "quant_scheme", a.scheme)  # the scheme with its per-tensor rules, where configs have them
-    spec_json = spec.to_dict()
-    payload = {k: art.payload_bytes(spec_json, w, scheme) for k, w in exported.items()}
-    blobs = {k: art.build_artifact(spec_json, w, scheme, a.codec, a.level, getattr(a, "byte_shuffle", 0))
-             for k, w in exported.items()}
-    rows.append(compare_exact("artifact payload sha256 (uncompressed)", payload["mlx"], payload["torch"]))
-    rows.append(compare_exact(f"artifact sha256 ({a.scheme}, {a.codec})", blobs["mlx"], blobs["torch"]))
-    deq = {k: dequantize_weights(art.parse_artifact(blob, f"<{k} artifact>")[1]) for k, blob in blobs.items()}
-    with torch.no_grad():
-        zm = mm.logits(spec, {k: M(v) for k, v in deq["mlx"].items()}, M(x), mdt)
-        zt = tm.logits(spec, {k: T(v) for k, v in deq["torch"].items()}, T(x), tdt)
-    rows.append(compare("dequantized logits", _np(zm), _np(zt), tolerance("dequant_logits", dtype)))
+    artifact, deq = artifact_rows(pair, cfg.artifact, exported, x)
+    rows += artifact
     progress("fake quantization (QAT)")
-    if any(STD_SCHEME.fullmatch(s) for s in [scheme.split(";")[0]] + [r.split("=")[1] for r in scheme.split(";")[1:]]):
-        rows.append(Row("fake-quant (QAT) weights and logits", None, None, None, True,
-                        f"skipped: {scheme} has a std-clip scheme, which QAT does not take (artifact.qat refuses it)"))
-    else:
-        rows += _fake_quant_rows(spec, scheme, weights, deq["mlx"], x, dtype, mdt, tdt)
-    return rows
+    return rows + qat_rows(pair, cfg.artifact, deq, x)
 
-
-def _fake_quant_rows(spec: ModelSpec, scheme: str, weights: dict, deq: dict, x, dtype: str, mdt, tdt) -> list[Row]:
-    """QAT (artifact.qat): each backend's fake quantization equals the artifact's round trip bit for bit,
-    and the two fake-quantized forwards agree as the dequantized ones must."""
-    import mlx.core as mx
-    import torch
-
-    from backend_mlx import model as mm
-    from backend_mlx import qat as mq
-    from backend_torch import model as tm
-    from backend_torch import qat as tq
-    from core.fakequant import fake_quant_plan
-
-    plan = fake_quant_plan({k: v.shape for k, v in weights.items()}, scheme)
-    fm = mq.fake_quant({k: mx.array(v) for k, v in weights.items()}, plan)
-    ft = tq.fake_quant({k: torch.tensor(v) for k, v in weights.items()}, plan)
-    rows = []
-    for backend, got in (("mlx", {k: np.array(v) for k, v in fm.items()}),
-                         ("torch", {k: v.detach().numpy() for k, v in ft.items()})):
-        bad = [k for k in sorted(deq) if not np.array_equal(got[k], deq[k])]
-        note = f"{len(deq)} tensors" if not bad else f"{len(bad)} tensor(s) differ, first {bad[0]}"
-        rows.append(Row(f"fake-quant weights == round trip ({backend})", None, None, None, not bad, note))
-    with torch.no_grad():
-        zm = mm.logits(spec, fm, mx.array(np.asarray(x)), mdt)
-        zt = tm.logits(spec, ft, torch.tensor(np.asarray(x)), tdt)
-    rows.append(compare("fake-quant (QAT) logits", _np(zm), _np(zt), tolerance("dequant_logits", dtype)))
-    return rows
-
-
-WEIGHT_DECAY_ROW = 0.04  # the seeds' decay (#895, #470, #1110), for the 'update+wd' rows of a config without one
-WEIGHT_DECAY_KEYS = ("matrix_weight_decay", "scalar_weight_decay", "embed_weight_decay", "head_weight_decay")
-
-
-def with_weight_decay(optim):
-    """The config's optimizer with decoupled weight decay on every group: its own value where it sets one, else
-    WEIGHT_DECAY_ROW (its exemptions and its before/after-step order kept), so parity always checks a decayed step."""
-    return dataclasses.replace(optim, **{k: getattr(optim, k) or WEIGHT_DECAY_ROW for k in WEIGHT_DECAY_KEYS})
-
-
-def _export_row(weights: dict, exported: dict) -> Row:
-    """Each backend's weights, exported back to numpy, must equal the file's bit for bit."""
-    problems = []
-    for backend, w in exported.items():
-        bad = [k for k in weights if k not in w or w[k].dtype != np.float32 or w[k].shape != weights[k].shape
-               or w[k].tobytes() != weights[k].tobytes()]
-        if bad:
-            problems.append(f"{backend} differs from the file in {len(bad)} tensor(s), first {bad[0]}")
-    note = "; ".join(problems) or f"{len(weights)} tensors bit-identical to the file in both"
-    return Row("weights loaded, exported back to numpy", None, None, None, not problems, note, "exact")
-
-
-def _head(spec: ModelSpec, p: dict):
-    return p["tok_emb.weight"] if spec.tie_embeddings else p["lm_head.weight"]
-
-
-def _group_rows(prefix: str, table, old: dict, delta_m: dict, delta_t: dict, dtype: str, muon_kind: str,
-                adam_kind: str, adam_masks: dict | None = None) -> list[Row]:
-    """Rows for the change of the weights (new - old, exact in float64), one per optimizer group. Each
-    backend rounds its new fp32 weight once, so two equal updates can differ by one ulp of the weight: that
-    ulp is added to the bound (it is exact, not a tolerance)."""
-    floors = {k: float(np.spacing(np.float32(np.abs(old[k]).max() + np.abs(delta_m[k]).max()))) for k in old}
-    rows = []
-    for group in GROUPS:
-        names = [i.name for i in table if i.group == group]
-        if not names:
-            continue
-        kind, opt = (muon_kind, "muon") if group == MATRIX else (adam_kind, "adam")
-        if (kind, dtype) in NOT_COMPARED:
-            continue
-        label = f"{prefix} {opt} ({group}{', tied' if group == EMBED and len(names) == 1 else ''})"
-        pairs = {n: (delta_m[n], delta_t[n]) for n in names}
-        note = ""
-        if adam_masks is not None and group != MATRIX:
-            masks = {n: adam_masks.get(n, np.ones(delta_m[n].shape, bool)) for n in names}
-            pairs = {n: (a[masks[n]], b[masks[n]]) for n, (a, b) in pairs.items()}
-            left_out = sum(int((~masks[n]).sum()) for n in names)
-            note = f"; {left_out} of {sum(delta_m[n].size for n in names):,} elements with |g| ~ 0 left out"
-        tols = {n: tolerance(kind, dtype, dim=max(delta_m[n].shape)) for n in names}
-        row = compare_group(label, pairs, tols, floors)
-        rows.append(dataclasses.replace(row, note=row.note + note) if note else row)
-    return rows
-
-
-# ---- the command ----------------------------------------------------------------------------------------
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("parity", help="check that the MLX and torch backends compute the same model",
