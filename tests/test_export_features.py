@@ -26,11 +26,13 @@ RECIPE = [
     'data.order="shuffled"', "optim.muon_row_normalize=true",
     'artifact.scheme="int6_std12.85"', 'artifact.rules=["tok_emb.weight=int8_std20"]', "artifact.gptq=true",
     "artifact.gptq_embedding=true", "artifact.gptq_batches=1", 'artifact.codec="brotli"', "artifact.byte_shuffle=2",
-    # the records' model parts (tests/test_record_parts.py): block 1 of the demo's 2x3 parallel, gated skips
+    # the records' model parts (tests/test_record_parts.py): block 1 (twice once looping is on) parallel, gated skips
     'model.parallel_blocks="1"', "model.skip_gates=true", "model.ln_scale=true", "model.qk_gain_init=5.25",
     "train.warmdown_fraction=0.5",  # of the 8 steps here (no cap); the records' is of the wallclock
     # the records' loop switch-on (core/depth.py): blocks 0-3 flat, then 1-2 twice, from half the steps
     'model.layer_plan="0 1 2 1 2 3"', 'train.depth_schedule="0.5:flat,1.0:full"', 'train.depth_schedule_by="step"',
+    # #1493's score-first TTT (core/ttt.py) over standard windows: 2 chunks of the 4,096 val targets, one step
+    "eval.stride=64", "eval.ttt=true", "eval.ttt_chunk_tokens=2048", "eval.ttt_epochs=1",
 ]
 
 
@@ -103,6 +105,10 @@ def test_the_records_options_reach_the_exported_script(demo_data, tmp_path):
     assert switches[0] == switches[1] == [(0, 4), (4, 6)]
     art = artifact_of(script_run)
     assert art.read_bytes() == artifact_of(run).read_bytes()
+    finals = [events(r, "final")[-1] for r in (run, script_run)]
+    assert finals[0]["ttt_chunks"] == 2 and finals[0]["ttt_val_bpb"] == finals[1]["ttt_val_bpb"]
+    assert finals[0]["ttt_val_bpb"] != finals[0]["sliding_val_bpb"]
+    assert "_roundtrip_ttt val_loss:" in (script_run / "train.log").read_text()
     _, qw, info = load_quantized(art)
     assert info.codec_label == "bs2+brotli-11" and info.scheme == "int6_std12.85;tok_emb.weight=int8_std20"
     assert "tok_emb.weight" in info.gptq["tensors"] and any(".mlp." in n for n in info.gptq["tensors"])
