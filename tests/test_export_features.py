@@ -1,7 +1,7 @@
 """The records' recipe (#1394/#1493, issue 17) reaches the exported train_gpt.py: with the shuffled loader,
 MuonEq-R, std-clip GPTQ on the matrices and the tied embedding, brotli behind a byte shuffle and a GPTQ reserve
 switched on by --set, the script (loopgolf not importable) trains as `loopgolf train` does with the same
-options, step for step, and writes the same artifact.
+options, step for step, writes the same artifact and reports the same score-first TTT bpb.
 """
 
 from __future__ import annotations
