@@ -74,32 +74,46 @@ def make_update(spec: ModelSpec, optim: OptimConfig):
     0-d arrays so a compiled update is traced once."""
     groups = {info.name: info.group for info in param_table(spec)}
     base_lr = group_base_lrs(spec, optim)
-    decay = weight_decays(spec, optim)
+    decay, after = weight_decays(spec, optim), optim.weight_decay_after_step
 
-    def update(params: dict, state: dict, grads: dict, lr_scale: mx.array, momentum: mx.array):
-        grads = clip_by_global_norm(grads, optim.grad_clip_norm)
+    def muon_direction(p, buf, g, momentum):
+        """(Muon's direction for p, the new momentum buffer): torch's muon_direction, returning the buffer
+        torch updates in place."""
+        buf = momentum * buf + g
+        g = g + momentum * buf
+        if optim.muon_row_normalize:
+            g = normalize_rows(g)
+        u = newton_schulz(g, optim.muon_backend_steps)
+        return u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5, buf
+
+    def adam(params: dict, state: dict, grads: dict, lr_scale: mx.array):
+        """Adam on every tensor that is not a matrix: (those tensors stepped, the new step count, the moments)."""
         step = state["step"] + 1
         bias1 = 1 - optim.beta1**step
         bias2 = 1 - optim.beta2**step
-        new_params, muon, adam = {}, {}, {}
+        stepped, moments = {}, {}
         for name, p in params.items():
-            g = grads[name]
-            lr = base_lr[groups[name]] * lr_scale
             if groups[name] == MATRIX:
-                buf = momentum * state["muon"][name] + g
-                nesterov = g + momentum * buf
-                if optim.muon_row_normalize:
-                    nesterov = normalize_rows(nesterov)
-                u = newton_schulz(nesterov, optim.muon_backend_steps)
-                u = u * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                new_params[name] = apply_step(p, lr * u, lr, decay.get(name, 0.0), optim.weight_decay_after_step)
-                muon[name] = buf
-            else:
-                m = optim.beta1 * state["adam"][name]["m"] + (1 - optim.beta1) * g
-                v = optim.beta2 * state["adam"][name]["v"] + (1 - optim.beta2) * (g * g)
-                delta = lr * (m / bias1) / (mx.sqrt(v / bias2) + optim.adam_eps)
-                new_params[name] = apply_step(p, delta, lr, decay.get(name, 0.0), optim.weight_decay_after_step)
-                adam[name] = {"m": m, "v": v}
-        return new_params, {"step": step, "muon": muon, "adam": adam}
+                continue
+            s, g = state["adam"][name], grads[name]
+            lr = base_lr[groups[name]] * lr_scale
+            m = optim.beta1 * s["m"] + (1 - optim.beta1) * g
+            v = optim.beta2 * s["v"] + (1 - optim.beta2) * (g * g)
+            stepped[name] = apply_step(p, lr * (m / bias1) / (mx.sqrt(v / bias2) + optim.adam_eps), lr,
+                                       decay.get(name, 0.0), after)
+            moments[name] = {"m": m, "v": v}
+        return stepped, step, moments
+
+    def update(params: dict, state: dict, grads: dict, lr_scale: mx.array, momentum: mx.array):
+        grads = clip_by_global_norm(grads, optim.grad_clip_norm)
+        stepped, muon = {}, {}
+        for name, p in params.items():
+            if groups[name] == MATRIX:
+                lr = base_lr[MATRIX] * lr_scale
+                u, muon[name] = muon_direction(p, state["muon"][name], grads[name], momentum)
+                stepped[name] = apply_step(p, lr * u, lr, decay.get(name, 0.0), after)
+        adam_stepped, step, moments = adam(params, state, grads, lr_scale)
+        stepped.update(adam_stepped)
+        return {name: stepped[name] for name in params}, {"step": step, "muon": muon, "adam": moments}
 
     return update
