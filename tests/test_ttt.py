@@ -11,7 +11,7 @@ from core.config import EvalConfig, config_from_dict
 from core.errors import UserError
 from core.sliding import plan_windows, sliding_sums
 from core.tolerances import TOLERANCES
-from core.ttt import (TTTSettings, chunk_lr, epoch_steps, plan_ttt, score_chunk, train_chunk, ttt_eval)
+from core.ttt import TTTSettings, chunk_lr, epoch_steps, plan_ttt, score_chunk, train_chunk, ttt_eval
 from tests.test_sliding import VOCAB, build, byte_luts
 
 # ---- the plan -------------------------------------------------------------------------------------------
@@ -206,7 +206,9 @@ def test_torch_training_never_reaches_back_and_lr_zero_is_the_sliding_eval():
     model = build("torch")
     tokens, luts = val_tokens(n=257), byte_luts()  # 4 chunks of 64 targets
     settings = TTTSettings(chunk_tokens=64, epochs=1, lr=0.5)  # one step a chunk: 4 sequences
-    nll = lambda t: ttt_eval(model, t, WINDOW, STRIDE, BATCH, luts, settings, keep_token_nll=True).token_nll  # noqa: E731
+    def nll(t):
+        return ttt_eval(model, t, WINDOW, STRIDE, BATCH, luts, settings, keep_token_nll=True).token_nll
+
     assert earlier_scores_ignore(nll, tokens, 150)  # in chunk 2, after two chunks of training
 
     plain = sliding_sums(model, tokens, plan_windows(len(tokens) - 1, WINDOW, STRIDE), BATCH, luts,
