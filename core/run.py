@@ -37,6 +37,8 @@ ENV_KNOBS = {
     "MUON_BACKEND_STEPS": "optim.muon_backend_steps",
     "GRAD_CLIP_NORM": "optim.grad_clip_norm",
     "GPTQ_RESERVE_SECONDS": "train.gptq_reserve_seconds",  # #1394/#1493's knob (12 there)
+    "TTT_LR": "eval.ttt_lr",  # #1493's knobs (its TTT_ENABLED is eval.ttt, fixed by the export: folded)
+    "TTT_EPOCHS": "eval.ttt_epochs",
 }
 
 

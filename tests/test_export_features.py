@@ -29,8 +29,8 @@ RECIPE = [
     # the records' model parts (tests/test_record_parts.py): block 1 (twice once looping is on) parallel, gated skips
     'model.parallel_blocks="1"', "model.skip_gates=true", "model.ln_scale=true", "model.qk_gain_init=5.25",
     "train.warmdown_fraction=0.5",  # of the 8 steps here (no cap); the records' is of the wallclock
-    # the records' loop switch-on (core/depth.py): blocks 0-3 flat, then 1-2 twice, from half the steps
-    'model.layer_plan="0 1 2 1 2 3"', 'train.depth_schedule="0.5:flat,1.0:full"', 'train.depth_schedule_by="step"',
+    # the records' loop switch-on (core/depth.py): blocks 0-2 flat, then block 1 twice, from half the steps
+    'model.layer_plan="0 1 1 2"', 'train.depth_schedule="0.5:flat,1.0:full"', 'train.depth_schedule_by="step"',
     # #1493's score-first TTT (core/ttt.py) over standard windows: 2 chunks of the 4,096 val targets, one step
     "eval.stride=64", "eval.ttt=true", "eval.ttt_chunk_tokens=2048", "eval.ttt_epochs=1",
 ]
@@ -102,7 +102,7 @@ def test_the_records_options_reach_the_exported_script(demo_data, tmp_path):
     ours, theirs = ([e["train_loss"] for e in events(r, "train")] for r in (run, script_run))
     assert len(theirs) == STEPS and theirs == ours  # same options, data order, seed and thread count
     switches = [[(e["step"], e["layers"]) for e in events(r, "depth")] for r in (run, script_run)]
-    assert switches[0] == switches[1] == [(0, 4), (4, 6)]
+    assert switches[0] == switches[1] == [(0, 3), (4, 4)]
     art = artifact_of(script_run)
     assert art.read_bytes() == artifact_of(run).read_bytes()
     finals = [events(r, "final")[-1] for r in (run, script_run)]
@@ -121,9 +121,10 @@ def test_the_records_options_reach_the_exported_script(demo_data, tmp_path):
 
     # The reserve through the script's knob: a 30 s cap less 29.999 s leaves 1 ms, so the script stops after
     # one step, whose loss (taken before its update) is the first of the run above; the Hessians come after.
-    env = {"MAX_WALLCLOCK_SECONDS": "30", "GPTQ_RESERVE_SECONDS": "29.999", "WARMDOWN_ITERS": "0"}
+    env = {"MAX_WALLCLOCK_SECONDS": "30", "GPTQ_RESERVE_SECONDS": "29.999", "WARMDOWN_ITERS": "0", "TTT_EPOCHS": "2"}
     reserved = run_script(folder, "reserved", **env)
     log = (reserved / "train.log").read_text()
     assert "stopping_early: wallclock_cap" in log and "gptq_reserve: 29999ms" in log, log[-2000:]
+    assert "steps:2 epochs:2 " in log  # #1493's TTT_EPOCHS knob: one trained chunk, two epochs of one step
     assert events(reserved, "final")[-1]["steps"] == 1
     assert [e["train_loss"] for e in events(reserved, "train")] == ours[:1]
