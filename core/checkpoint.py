@@ -55,7 +55,8 @@ RESUME_FREE = {
               "checkpoint_every", "keep_checkpoints", "compile"},
     "data": {"path", "dataset", "tokenizer"},
     "artifact": {"scheme", "codec", "level"},  # the scheme only while QAT is off: see config_differences
-    "eval": {"stride", "seq_len", "batch_seqs", "hedge", "hedge_eta"},  # scoring only, after training
+    "eval": {"stride", "seq_len", "batch_seqs", "hedge", "hedge_eta",  # scoring only, after training
+             "ttt", "ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_momentum", "ttt_grad_clip", "ttt_batch_seqs"},
 }
 
 

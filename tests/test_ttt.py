@@ -283,3 +283,14 @@ def test_two_gloo_ranks_give_the_one_rank_ttt_eval(demo_data, tmp_path, capsys):
     assert two["ttt_val_loss"] == pytest.approx(one["ttt_val_loss"], rel=1e-6)
     assert one["ttt_val_loss"] != pytest.approx(one["sliding_val_loss"], rel=1e-4)  # it trained
     assert "ttt val_loss:" in capsys.readouterr().out
+
+
+def test_a_resume_may_switch_ttt_on():
+    """The TTT keys score the final model only: a checkpoint resumes under other ones (not under another lr)."""
+    from core.checkpoint import config_differences, config_record
+
+    before = config_from_dict({})
+    meta = {"spec": before.model.to_dict(), "config": config_record(before)}
+    after = config_from_dict({"eval": {"stride": 64, "ttt": True, "ttt_lr": 0.01, "ttt_epochs": 1}})
+    assert config_differences(meta, after) == []
+    assert config_differences(meta, config_from_dict({"optim": {"matrix_lr": 0.01}})) != []
