@@ -46,7 +46,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # >0: write RUN_DIR/checkpoints/step_N every N steps (0: only on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     # Progressive depth (core.depth): "f:r,..." trains r loops of a "KxR" plan while the fraction is below f,
-    # e.g. "0.3:2,0.5:3,0.75:4,1.0:5" (#895); "" trains at full depth throughout.
+    # e.g. "0.3:2,0.5:3,0.75:4,1.0:5" (#895); a stage may name a plan instead, e.g. "0.5:flat,1.0:full" (the
+    # records' loop switch-on); "" trains at full depth throughout.
     depth_schedule: str = ""
     depth_schedule_by: str = "wallclock"  # fraction of max_wallclock_seconds ("wallclock") or of iterations ("step")
     # Seconds of max_wallclock_seconds kept for GPTQ's Hessians (#1394/#1493: 12 of 600): training stops, and
