@@ -264,11 +264,13 @@ def test_the_loop_switches_depth_on_schedule(by, train, tmp_path, demo_data, mon
     assert f"depth: step:{switches[1][0]} layers:4/6\n" in log
 
 
-def test_the_loop_switches_to_a_looped_plan(tmp_path, demo_data, monkeypatch):
-    """Flat (4 layers), then the plan that loops the middle blocks (6) from half the steps; the warmup primes
-    the flat stage too."""
+@pytest.mark.parametrize("by, train", [("step", {"iterations": 8}),
+                                       ("wallclock", {"iterations": 100, "max_wallclock_seconds": 8})])
+def test_the_loop_switches_to_a_looped_plan(by, train, tmp_path, demo_data, monkeypatch):
+    """Flat (4 layers), then the plan that loops the middle blocks (6) from half the steps or of the (fake,
+    1 s a step) wallclock; the warmup primes the flat stage too."""
     backend, trainer, result, events = run_fake(tmp_path, demo_data, monkeypatch, {"layer_plan": "0 1 2 1 2 3"},
-                                                depth_schedule="0.5:flat,1.0:full", depth_schedule_by="step")
+                                                depth_schedule="0.5:flat,1.0:full", depth_schedule_by=by, **train)
     assert backend.seen == [6, 4] + [4] * 4 + [6] * 4
     assert [(e["step"], e["layers"]) for e in events if e["event"] == "depth"] == [(0, 4), (4, 6)]
     assert trainer.at_full_depth and "warmup_depth: layers:4" in (tmp_path / "train.log").read_text()
