@@ -29,6 +29,7 @@ layers:
   layers 0-5 read rows 0-5 and layers 6-10 rows 10-14, the rows those blocks have once looping is on.
 - Per-layer tables (LAYER_TABLES) take those rows; vrl_alphas (one per layer after the first) the row of the
   matched layer; VE runs at P's layers matched to a model.ve_layers layer, with that layer's ve_layer_scales.
+  The rest is P's own model, as for a truncated one: XSA on P's last N layers, parallel blocks by block.
 - The U-Net skips of P (n//2 pairs over its n layers) use the first n//2 rows of each skip table
   (SKIP_TABLES), innermost pair first: as the records, whose flat stage uses 5 of the 7 skip pairs.
 - Tables indexed by loop (loop_embeds, loop_gates, #319's gates, cross_repeat_scales) have no such row, so
