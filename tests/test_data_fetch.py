@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from core.bpb import ByteLuts, count_bytes
+from core.errors import UserError
 from core.manifest import read_manifest, resolve_data
 from core.shards import read_shard, write_shard
 from core.tokenizer import encode_documents, load_tokenizer, train_sentencepiece
@@ -359,6 +360,11 @@ def test_shipped_configs_find_their_data_after_the_readme_fetch(hub, fetch, tmp_
     assert len(configs) >= 8
     for path in configs:
         cfg = load_config(path, [])
+        if cfg.data.dataset == "fineweb10B_sp8192":  # the records' configs: their variant, named in the error
+            assert path.name.startswith("record_") and cfg.model.vocab_size == 8192, path.name
+            with pytest.raises(UserError, match="no dataset named 'fineweb10B_sp8192'.*--variant sp8192"):
+                resolve_data(cfg.data.path, cfg.data.dataset, cfg.data.tokenizer or None)
+            continue
         data = resolve_data(cfg.data.path, cfg.data.dataset or None, cfg.data.tokenizer or None)
         assert data.vocab_size == cfg.model.vocab_size, path.name
         expected = "shakespeare_sp1024" if path.name == "demo.toml" else "fineweb10B_sp1024"
