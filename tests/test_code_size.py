@@ -26,4 +26,5 @@ def test_a_feature_switched_off_costs_no_code_bytes():
     plain_off, plain_on = build_script(base, "none"), build_script(with_gptq, "none")
     assert "cholesky" not in plain_off and "cholesky" in plain_on
     assert "parallel_block_list" not in plain_off  # model.parallel_blocks off: its branch and property go
+    assert "ttt_optimizer" not in plain_off and "TTTOptimizer" not in plain_off  # eval.ttt off: no TTT code
     assert len(plain_on) > len(plain_off) + 2000
