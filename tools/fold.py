@@ -4,6 +4,11 @@ A test folds when every part of it is known: constants, and attribute paths whos
 (`spec.q_rank`, `self.cfg.artifact.gptq`, ... and local names bound once to such a path, like
 `art = cfg.artifact`). Spec fields that change while a run trains (the layer plan under progressive depth)
 are never fixed; `cross_repeat_skips` only when off (a truncated plan can switch it off, never on).
+
+Checks that export already ran go too: inside the classes of the config's own objects (`config_classes`),
+`self` is the config object for the test of an `if` that only raises (`if self.q_rank < 0: raise ...`, also
+over a loop of constant names with `getattr(self, name)`), and such a check that the export's values pass is
+dropped. Only checks: a method's other branches still read the instance, which may be a depth variant.
 """
 
 from __future__ import annotations
@@ -21,7 +26,48 @@ OFF_ONLY_FIELDS = ("cross_repeat_skips",)
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
             ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
             ast.NotIn: lambda a, b: a not in b, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+               ast.Mod: operator.mod, ast.Div: operator.truediv}
 _UNKNOWN = object()
+_IMMUTABLE = (bool, int, float, str, type(None))
+
+
+def _immutable(v) -> bool:
+    return isinstance(v, _IMMUTABLE) or (isinstance(v, (tuple, frozenset)) and all(_immutable(x) for x in v))
+
+
+def module_constants(tree: ast.Module) -> dict[str, object]:
+    """Top-level `NAME = <literal>` (numbers, strings, tuples of them) that nothing else in the module binds:
+    in one flat module (the bundle), a constant wherever it is read."""
+    found = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            try:
+                v = ast.literal_eval(stmt.value)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                continue
+            if _immutable(v):
+                found[stmt.targets[0].id] = v
+    binds: dict[str, int] = {}
+    for n in ast.walk(tree):
+        names = []
+        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            names = [n.id]
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [n.name]
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            pass
+        elif isinstance(n, ast.arg):
+            names = [n.arg]
+        elif isinstance(n, ast.alias):
+            names = [(n.asname or n.name).split(".")[0]]
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            names = list(n.names) * 2
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            names = [n.name]
+        for name in names:
+            binds[name] = binds.get(name, 0) + 1
+    return {k: v for k, v in found.items() if binds.get(k) == 1}
 
 
 def config_values(cfg, open_keys=()) -> dict[str, object]:
@@ -44,6 +90,20 @@ def config_values(cfg, open_keys=()) -> dict[str, object]:
     return values
 
 
+def config_classes(cfg) -> dict[str, str]:
+    """{class name: the config path its instance is}: `self` inside those classes' checks (see above)."""
+    out = {type(cfg.model).__name__: "spec", type(cfg).__name__: "cfg"}
+    for section in CONFIG_SECTIONS:
+        out.setdefault(type(getattr(cfg, section)).__name__, f"cfg.{section}")
+    return out
+
+
+def _is_check(node: ast.stmt) -> bool:
+    """`if TEST: ... raise` with no else: a validation (its body ends in a raise)."""
+    return (isinstance(node, ast.If) and not node.orelse and bool(node.body)
+            and isinstance(node.body[-1], ast.Raise))
+
+
 def dotted(node: ast.AST) -> str | None:
     parts = []
     while isinstance(node, ast.Attribute):
@@ -55,13 +115,16 @@ def dotted(node: ast.AST) -> str | None:
 
 
 class Folder(ast.NodeTransformer):
-    def __init__(self, values: dict[str, object] | None = None):
+    def __init__(self, values: dict[str, object] | None = None, classes: dict[str, str] | None = None):
         self.values = values or {}
+        self.classes = classes or {}  # config class name -> its path, for `self` in checks
+        self.check_self: list[str | None] = [None]
         self.objects = {p.rsplit(".", 1)[0] for p in self.values}  # paths that have known fields
         self.objects |= {o.rsplit(".", 1)[0] for o in list(self.objects) if "." in o}
         self.aliases: list[dict[str, str]] = [{}]
         self.known_params: dict[int, dict[str, object]] = {}  # id(function) -> {parameter: constant}
         self.folded = 0
+        self.flat = False  # set for the pass over the one flat module: its literal constants fold too
 
     # -- local aliases: `art = cfg.artifact`, `cfg, t = self.cfg, self.cfg.train` --
 
@@ -84,6 +147,10 @@ class Folder(ast.NodeTransformer):
         for a in args.posonlyargs + args.args + args.kwonlyargs:
             stores[a.arg] = stores.get(a.arg, 0) + 1
         found: dict[str, str] = {}
+        for name, value in self.known_params.get(id(fn), {}).items():
+            if stores.get(name) == 1:  # the parameter itself, never reassigned
+                found[name] = f"<param {id(fn)}>.{name}"
+                self.values[found[name]] = value
         for stmt in fn.body:
             if not isinstance(stmt, ast.Assign) or len(stmt.targets) != 1:
                 continue
@@ -103,10 +170,6 @@ class Folder(ast.NodeTransformer):
                 elif known is not _UNKNOWN and isinstance(known, (bool, int, float, str, type(None))):
                     found[t.id] = f"<local>.{t.id}"  # a local bound once to a value the config fixes
                     self.values[found[t.id]] = known
-        for name, value in self.known_params.get(id(fn), {}).items():
-            if stores.get(name) == 1:  # the parameter itself, never reassigned
-                found[name] = f"<param {id(fn)}>.{name}"
-                self.values[found[name]] = value
         return found
 
     def visit_FunctionDef(self, node):
@@ -129,6 +192,34 @@ class Folder(ast.NodeTransformer):
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
+    def visit_Module(self, node):
+        if self.flat:
+            for name, v in module_constants(node).items():
+                self.values[name] = v
+        return self.generic_visit(node)
+
+    def visit_ClassDef(self, node):
+        self.check_self.append(self.classes.get(node.name))
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.check_self.pop()
+
+    def _passes(self, test, bound: dict | None = None) -> bool:
+        """Whether a check's test is known False for the config object (`self` as the config's own)."""
+        path = self.check_self[-1]
+        if path is None:
+            return False
+        scope = {"self": path}
+        for name, v in (bound or {}).items():
+            scope[name] = f"<check>.{name}"
+            self.values[scope[name]] = v
+        self.aliases.append(scope)
+        try:
+            return self.value(test) is False
+        finally:
+            self.aliases.pop()
+
     # -- evaluation --
 
     def value(self, node):
@@ -137,6 +228,21 @@ class Folder(ast.NodeTransformer):
         if isinstance(node, (ast.Attribute, ast.Name)):
             path = self._path(node)
             return self.values.get(path, _UNKNOWN) if path else _UNKNOWN
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and len(node.args) == 2 and not node.keywords):
+            name = self.value(node.args[1])
+            path = self._path(node.args[0])
+            if isinstance(name, str) and path:
+                return self.values.get(f"{path}.{name}", _UNKNOWN)
+            return _UNKNOWN
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            left, right = self.value(node.left), self.value(node.right)
+            if any(v is _UNKNOWN or isinstance(v, bool) or not isinstance(v, (int, float)) for v in (left, right)):
+                return _UNKNOWN
+            try:
+                return _ARITHMETIC[type(node.op)](left, right)
+            except (ArithmeticError, ValueError):
+                return _UNKNOWN
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             v = self.value(node.operand)
             return _UNKNOWN if v is _UNKNOWN else not v
@@ -169,6 +275,9 @@ class Folder(ast.NodeTransformer):
         node = self.generic_visit(node)
         v = self.value(node.test)
         if v is _UNKNOWN:
+            if _is_check(node) and self._passes(node.test):
+                self.folded += 1
+                return None
             return node
         self.folded += 1
         return (node.body if v else node.orelse) or None
@@ -189,6 +298,13 @@ class Folder(ast.NodeTransformer):
             if isinstance(n, int) and n <= 0:
                 self.folded += 1
                 return node.orelse or None
+        # `for name in ("a", "b"): if getattr(self, name) < 0: raise ...`: checks the config passes for each name
+        if (self.check_self[-1] is not None and isinstance(node.target, ast.Name) and not node.orelse
+                and isinstance(it, (ast.Tuple, ast.List)) and all(isinstance(e, ast.Constant) for e in it.elts)
+                and node.body and all(_is_check(s) for s in node.body)
+                and all(self._passes(s.test, {node.target.id: e.value}) for e in it.elts for s in node.body)):
+            self.folded += 1
+            return None
         return node
 
 

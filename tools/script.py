@@ -21,7 +21,7 @@ from core.atomic import atomic_write_text
 from core.errors import UserError
 from core.run import ENV_KNOBS
 from tools.bundle import PACKAGES, ROOT, Bundle
-from tools.fold import Folder, config_values, constant_params
+from tools.fold import Folder, config_classes, config_values, constant_params
 from tools.prune import prune
 
 ENTRY = "backend_torch.submission"
@@ -81,10 +81,11 @@ def _template_key(cfg, profile: str) -> str:
 @functools.lru_cache(maxsize=16)
 def template_source(cfg, profile: str = "") -> str:
     """The bundled source with the CONFIG value left as PLACEHOLDER (an unbound name, so no pass touches it)."""
-    folder = Folder(config_values(cfg, open_keys()))
+    folder = Folder(config_values(cfg, open_keys()), config_classes(cfg))
     bundle = Bundle(ENTRY, folder, constants={"CONFIG": ast.Name(PLACEHOLDER, ast.Load()), "PROFILE": profile})
     tree = prune(bundle.flatten())
     folder.known_params = constant_params(tree, folder)  # parameters every call fixes, folded in their functions
+    folder.flat = True
     tree = ast.fix_missing_locations(prune(folder.visit(tree), text=False))
     source = ast.unparse(tree) + "\n"
     compile(source, "train_gpt.py", "exec")  # a bundling bug shows here, not on the organisers' machine
