@@ -18,7 +18,7 @@ import torch
 
 from backend_torch.trainer import TorchBackend
 from core.atomic import atomic_write_text
-from core.config import config_from_dict
+from core.config import config_from_tables
 from core.errors import UserError
 from core.loop import Trainer
 from core.manifest import resolve_data
@@ -30,12 +30,12 @@ CONFIG: dict = {}  # the resolved run config, one dict per table; written in by 
 PROFILE = ""  # the profile the config was resolved with; "h100" takes grad_accum_steps = 8 // world size
 
 def resolve_config(raw: dict, env: dict):
-    """The run config: the exported tables, then the environment's knobs."""
-    overrides = [f"{key}={env[name]}" for name, key in ENV_KNOBS.items() if name in env]
+    """The run config: the exported tables (resolved and checked at export), then the environment's knobs."""
+    overrides = {key: env[name] for name, key in ENV_KNOBS.items() if name in env}
     world = int(env.get("WORLD_SIZE", 1))
     if PROFILE == "h100" and "GRAD_ACCUM_STEPS" not in env and 8 % world == 0:
-        overrides.append(f"train.grad_accum_steps={8 // world}")  # upstream: 65,536 tokens per micro-batch
-    return config_from_dict(raw, overrides, source="train_gpt.py")
+        overrides["train.grad_accum_steps"] = str(8 // world)  # upstream: 65,536 tokens per micro-batch
+    return config_from_tables(raw, overrides, source="train_gpt.py")
 
 
 def run(script: Path, env: dict) -> int:
@@ -55,7 +55,7 @@ def run(script: Path, env: dict) -> int:
     log = RunLog(out_dir, backend.rank, progress_bar=False)
     try:
         log_header(log, cfg, backend, data, val_tokens, f"train_gpt.py run_id:{run_id} -> {out_dir}")
-        trainer = Trainer(cfg, backend, data.train_files, val_tokens, luts, log, out_dir=out_dir)
+        trainer = Trainer(cfg, backend, data.train_files, val_tokens, luts, log, out_dir=out_dir, checkpoints=False)
         final = trainer.export(out_dir, trainer.run(), os.path.getsize(script))
         log.line(f"done: val_bpb {final['val_bpb']:.4f}, round trip {final['roundtrip_val_bpb']:.4f}, "
                  f"{final['total_bytes']:,} of 16,000,000 bytes")

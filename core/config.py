@@ -398,6 +398,26 @@ def config_from_dict(raw: dict, overrides=(), small: bool = False, source: str =
     return cfg
 
 
+def config_from_tables(tables: dict, overrides: dict[str, str] | None = None, source: str = "") -> RunConfig:
+    """A resolved config's own tables (ModelSpec.to_dict and each section's fields, as an exported train_gpt.py
+    carries them) back into the RunConfig, with {"section.key": text} overrides of its number and string keys
+    (the script's environment knobs), each read as its field's type. No profiles, shrink or table checks: the
+    tables were resolved and checked at export; each section's own checks still run."""
+    tables = {name: dict(table) for name, table in tables.items()}
+    for dotted, text in (overrides or {}).items():
+        section, key = dotted.split(".")
+        kind = type(tables[section][key])
+        try:
+            tables[section][key] = kind(text) if kind in (int, float, str) else None
+        except ValueError:
+            tables[section][key] = None
+        if tables[section][key] is None:
+            raise UserError(f"{dotted} = {text!r}: expected {'an integer' if kind is int else 'a number'}")
+    model = ModelSpec(**tables["model"])
+    sections = {name: cls(**tables[name]) for name, cls in SECTIONS.items() if cls}
+    return RunConfig(model=model, source=source, **sections)
+
+
 # Built-in profiles: run settings for a machine, applied with --profile NAME even when the config has no
 # [profile.NAME] tables. A config's own [profile.NAME.<table>] tables apply on top of these.
 # h100: upstream's record run, whose batch, sequence and cap are TrainConfig's defaults (one place for them),

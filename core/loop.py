@@ -96,11 +96,16 @@ def evaluate(backend: Backend, val_tokens: np.ndarray, seq_len: int, batch_token
 
 class Trainer:
     def __init__(self, cfg: RunConfig, backend: Backend, train_files: list, val_tokens: np.ndarray, luts: ByteLuts,
-                 log: RunLog, out_dir: Path | None = None):
+                 log: RunLog, out_dir: Path | None = None, checkpoints: bool = True):
         self.cfg, self.backend, self.train_files = cfg, backend, train_files
         self.val_tokens, self.luts, self.log = val_tokens, luts, log
-        # Checkpoints go to out_dir/checkpoints (none without a run directory).
-        self.checkpoint_root = Path(out_dir) / ckpt_io.DIR_NAME if out_dir is not None else None
+        # Checkpoints go to out_dir/checkpoints (none without a run directory). checkpoints=False (an exported
+        # submission, which never resumes): none at all, and SIGTERM/SIGINT keep their default handlers.
+        self.checkpoints = checkpoints and out_dir is not None
+        if not checkpoints and cfg.train.checkpoint_every > 0:
+            log.line(f"checkpoints: none here (train.checkpoint_every = {cfg.train.checkpoint_every} is not "
+                     "followed: this script never resumes)")
+        self.checkpoint_root = Path(out_dir) / ckpt_io.DIR_NAME if self.checkpoints else None
         self.last_checkpoint: Path | None = None
         self._signal = 0
         self.at_full_depth = True  # False while a progressive-depth schedule trains fewer layers
@@ -198,7 +203,7 @@ class Trainer:
     def _stop_signals(self):
         """SIGTERM/SIGINT ask the loop to stop after the current step with a checkpoint; a second one acts
         as it would have without this handler (SIGINT: KeyboardInterrupt; SIGTERM: terminate)."""
-        if threading.current_thread() is not threading.main_thread():
+        if not self.checkpoints or threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -227,9 +232,9 @@ class Trainer:
 
     def _checkpoint(self, step: int, train_ms: float, stream: TokenStream, stop_after: int | None) -> Path | None:
         """Write a checkpoint of the state after `step` (rank 0 writes; every rank takes part in get_state)."""
-        cfg, b = self.cfg, self.backend
-        if self.checkpoint_root is None:
+        if not self.checkpoints:
             return None
+        cfg, b = self.cfg, self.backend
         path = self.checkpoint_root / f"step_{step:06d}"
         if self.last_checkpoint == path:  # already written (or resumed from) at this step
             return path

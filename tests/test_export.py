@@ -35,7 +35,7 @@ def overrides(data: Path, name: str) -> list[str]:
     sets = [f"train.iterations={STEPS}", "train.val_every=4", "train.log_every=1", "train.warmup_steps=1",
             "train.val_max_tokens=4096", "train.max_wallclock_seconds=0", f'data.path="{data}"',
             'data.dataset="shakespeare_sp1024"', "model.vocab_size=1024"]
-    if "progressive" in name:
+    if load_config(ROOT / "configs" / name).train.depth_schedule:  # progressive depth, the records' loop switch-on
         sets.append('train.depth_schedule_by="step"')
     return sets
 
@@ -288,3 +288,20 @@ def test_bundler_renames_clashing_globals_and_resolves_module_attributes(fake_co
     exec(compile(source, "bundle", "exec"), namespace)
     assert namespace["RESULT"] == "ablocal"
     assert "import" not in source.replace("from __future__ import annotations", "")
+
+
+def test_script_config_is_the_resolved_config_and_knobs_are_typed():
+    """The exported script rebuilds its config from the tables without the TOML path (config_from_tables):
+    the same RunConfig, its environment knobs read as their keys' types, a bad one refused in one line."""
+    from core.config import config_from_tables, load_config
+    from core.errors import UserError
+    from tools.script import config_tables
+
+    cfg = load_config(ROOT / "configs" / "record_1493.toml", small=True)
+    assert config_from_tables(config_tables(cfg), source=cfg.source) == cfg
+    knobbed = config_from_tables(config_tables(cfg), {"train.iterations": "12", "eval.ttt_lr": "0.5"})
+    assert (knobbed.train.iterations, knobbed.eval.ttt_lr) == (12, 0.5)
+    with pytest.raises(UserError, match=r"^train.iterations = 'ten': expected an integer$"):
+        config_from_tables(config_tables(cfg), {"train.iterations": "ten"})
+    with pytest.raises(UserError, match="train.iterations = -3: expected a positive integer"):
+        config_from_tables(config_tables(cfg), {"train.iterations": "-3"})

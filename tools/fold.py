@@ -29,6 +29,9 @@ _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, as
 _ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
                ast.Mod: operator.mod, ast.Div: operator.truediv}
 _UNKNOWN = object()
+# Builtins of immutable values that a bundle never rebinds (the bundler keeps every builtin's name free).
+_PURE_BUILTINS = {"float": float, "int": int, "len": len, "abs": abs, "min": min, "max": max, "bool": bool,
+                  "str": str}
 _IMMUTABLE = (bool, int, float, str, type(None))
 
 
@@ -70,6 +73,18 @@ def module_constants(tree: ast.Module) -> dict[str, object]:
     return {k: v for k, v in found.items() if binds.get(k) == 1}
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigPath:
+    """What every call passes for a parameter when it is the config or one of its sections (`cfg.optim`): the
+    parameter's fields fold as that path's."""
+    path: str
+
+
+# Paths of the config and its sections as callers spell them, to the path config_values knows them by. (The
+# model spec is left out: a spec passed on may be a depth variant, and `spec` itself already folds.)
+PASSED_OBJECTS = {f"{o}{s}": f"cfg{s}" for o in CONFIG_OBJECTS for s in ["", *(f".{x}" for x in CONFIG_SECTIONS)]}
+
+
 def config_values(cfg, open_keys=()) -> dict[str, object]:
     """{dotted path: value} that a bundle of this RunConfig may treat as constants: every config key but
     `open_keys` ("train.iterations", ...: what the script's environment knobs may change)."""
@@ -104,6 +119,21 @@ def _is_check(node: ast.stmt) -> bool:
             and isinstance(node.body[-1], ast.Raise))
 
 
+def _attribute_binds(tree: ast.Module) -> dict[str, int]:
+    """How often each attribute name is bound in the module (`x.name = ...`, `del x.name`,
+    `setattr(x, "name", v)`): 1 is one assignment and nothing else. (A setattr whose name is not a constant
+    is not followed: the bundled modules use it on torch's and dataclasses' objects only.)"""
+    out: dict[str, int] = {}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            out[n.attr] = out.get(n.attr, 0) + 1
+        elif isinstance(n, ast.Call) and len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) and (
+                isinstance(n.func, ast.Name) and n.func.id in ("setattr", "delattr")
+                or isinstance(n.func, ast.Attribute) and n.func.attr in ("__setattr__", "__delattr__")):
+            out[str(n.args[1].value)] = out.get(str(n.args[1].value), 0) + 2
+    return out
+
+
 def dotted(node: ast.AST) -> str | None:
     parts = []
     while isinstance(node, ast.Attribute):
@@ -125,6 +155,9 @@ class Folder(ast.NodeTransformer):
         self.known_params: dict[int, dict[str, object]] = {}  # id(function) -> {parameter: constant}
         self.folded = 0
         self.flat = False  # set for the pass over the one flat module: its literal constants fold too
+        self.attr_binds: dict[str, int] = {}
+        self.subclassed: set[str] = set()
+        self.prefixes: dict[str, str] = {}  # "self.X" -> config path, inside the class that binds it
 
     # -- local aliases: `art = cfg.artifact`, `cfg, t = self.cfg, self.cfg.train` --
 
@@ -136,6 +169,9 @@ class Folder(ast.NodeTransformer):
         for scope in reversed(self.aliases):
             if head in scope:
                 return scope[head] + ("." + rest if rest else "")
+        for prefix, target in self.prefixes.items():  # `self.optim.x` where __init__ set self.optim = cfg.optim
+            if path.startswith(prefix + "."):
+                return target + path[len(prefix):]
         return path
 
     def _function_aliases(self, fn) -> dict[str, str]:
@@ -148,7 +184,11 @@ class Folder(ast.NodeTransformer):
             stores[a.arg] = stores.get(a.arg, 0) + 1
         found: dict[str, str] = {}
         for name, value in self.known_params.get(id(fn), {}).items():
-            if stores.get(name) == 1:  # the parameter itself, never reassigned
+            if stores.get(name) != 1:  # the parameter itself, never reassigned
+                continue
+            if isinstance(value, ConfigPath):
+                found[name] = value.path
+            else:
                 found[name] = f"<param {id(fn)}>.{name}"
                 self.values[found[name]] = value
         for stmt in fn.body:
@@ -196,14 +236,57 @@ class Folder(ast.NodeTransformer):
         if self.flat:
             for name, v in module_constants(node).items():
                 self.values[name] = v
+            self.attr_binds = _attribute_binds(node)
+            self.subclassed = {b.id for c in node.body if isinstance(c, ast.ClassDef) for b in c.bases
+                               if isinstance(b, ast.Name)}
         return self.generic_visit(node)
 
     def visit_ClassDef(self, node):
         self.check_self.append(self.classes.get(node.name))
+        fixed = self._instance_constants(node) if self.flat else {}
+        objects = {k: v.path for k, v in fixed.items() if isinstance(v, ConfigPath)}
+        outer = self.prefixes
+        self.prefixes = {**outer, **objects}
+        self.values.update({k: v for k, v in fixed.items() if k not in objects})
         try:
             return self.generic_visit(node)
         finally:
             self.check_self.pop()
+            self.prefixes = outer
+            for path in fixed:
+                if path not in objects:
+                    self.values.pop(path, None)
+
+    def _instance_constants(self, cls) -> dict[str, object]:
+        """{"self.X": v} for `self.X = expr` in __init__'s own body, the only binding of an attribute X in the
+        module (no other `.X =`, no "X" string as setattr would need), with expr fixed by the export (its
+        parameters every call fixes): the same in every instance, so known in the class's methods."""
+        if cls.name in self.subclassed:  # a subclass's instances bind these in their own way
+            return {}
+        init = next((m for m in cls.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"), None)
+        own = _positional(init)[:1] if init is not None else []
+        if not own:
+            return {}
+        self.aliases.append(self._function_aliases(init))
+        try:
+            found = {}
+            for stmt in init.body:
+                if not isinstance(stmt, ast.Assign) or len(stmt.targets) != 1:
+                    continue
+                target, value = stmt.targets[0], stmt.value
+                pairs = list(zip(target.elts, value.elts)) if isinstance(target, ast.Tuple) and \
+                    isinstance(value, ast.Tuple) and len(target.elts) == len(value.elts) else [(target, value)]
+                for t, v in pairs:
+                    if (isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == own[0]
+                            and self.attr_binds.get(t.attr) == 1):
+                        known, path = self.value(v), self._path(v)
+                        if known is not _UNKNOWN and _immutable(known):
+                            found[f"{own[0]}.{t.attr}"] = known
+                        elif path in PASSED_OBJECTS.values():
+                            found[f"{own[0]}.{t.attr}"] = ConfigPath(path)
+            return found
+        finally:
+            self.aliases.pop()
 
     def _passes(self, test, bound: dict | None = None) -> bool:
         """Whether a check's test is known False for the config object (`self` as the config's own)."""
@@ -216,7 +299,8 @@ class Folder(ast.NodeTransformer):
             self.values[scope[name]] = v
         self.aliases.append(scope)
         try:
-            return self.value(test) is False
+            v = self.value(test)
+            return v is not _UNKNOWN and not v
         finally:
             self.aliases.pop()
 
@@ -228,6 +312,15 @@ class Folder(ast.NodeTransformer):
         if isinstance(node, (ast.Attribute, ast.Name)):
             path = self._path(node)
             return self.values.get(path, _UNKNOWN) if path else _UNKNOWN
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _PURE_BUILTINS
+                and not node.keywords and node.func.id not in self.values):
+            args = [self.value(a) for a in node.args]
+            if any(a is _UNKNOWN or not _immutable(a) for a in args):
+                return _UNKNOWN
+            try:
+                return _PURE_BUILTINS[node.func.id](*args)
+            except (TypeError, ValueError, ArithmeticError):
+                return _UNKNOWN
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
                 and len(node.args) == 2 and not node.keywords):
             name = self.value(node.args[1])
@@ -235,6 +328,9 @@ class Folder(ast.NodeTransformer):
             if isinstance(name, str) and path:
                 return self.values.get(f"{path}.{name}", _UNKNOWN)
             return _UNKNOWN
+        if isinstance(node, ast.IfExp):
+            test = self.value(node.test)
+            return _UNKNOWN if test is _UNKNOWN else self.value(node.body if test else node.orelse)
         if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
             left, right = self.value(node.left), self.value(node.right)
             if any(v is _UNKNOWN or isinstance(v, bool) or not isinstance(v, (int, float)) for v in (left, right)):
@@ -299,12 +395,15 @@ class Folder(ast.NodeTransformer):
                 self.folded += 1
                 return node.orelse or None
         # `for name in ("a", "b"): if getattr(self, name) < 0: raise ...`: checks the config passes for each name
+        # (the names whose checks all pass leave the loop; with none left, the loop goes)
         if (self.check_self[-1] is not None and isinstance(node.target, ast.Name) and not node.orelse
                 and isinstance(it, (ast.Tuple, ast.List)) and all(isinstance(e, ast.Constant) for e in it.elts)
-                and node.body and all(_is_check(s) for s in node.body)
-                and all(self._passes(s.test, {node.target.id: e.value}) for e in it.elts for s in node.body)):
-            self.folded += 1
-            return None
+                and node.body and all(_is_check(s) for s in node.body)):
+            left = [e for e in it.elts if not all(self._passes(s.test, {node.target.id: e.value}) for s in node.body)]
+            if not left:
+                self.folded += 1
+                return None
+            it.elts = left
         return node
 
 
@@ -323,43 +422,71 @@ def constant_params(tree: ast.Module, folder: Folder) -> dict[int, dict[str, obj
     """{id(function): {parameter: value}} for the functions and methods of a flat module whose every call
     passes the same constant for a parameter (or leaves its constant default): what the bundle never varies.
     Functions are called by name, constructors by class name (their __init__), methods by an attribute
-    name that only that method has; any other use of the name (a function passed as a value) gives up."""
+    name that only that method has, or as `self.name(...)` in their own class when no class extends it; any
+    other use of the name (a function passed as a value, a call on another object) gives up."""
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    subclassed = {b.id for c in classes for b in c.bases if isinstance(b, ast.Name)}
     methods: dict[str, list] = {}
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+    for cls in classes:
         for m in cls.body:
             if isinstance(m, ast.FunctionDef):
-                methods.setdefault(m.name, []).append(m)
-                if m.name == "__init__":
+                methods.setdefault(m.name, []).append((cls, m))
+                if m.name == "__init__" and cls.name not in subclassed:  # (a subclass's super() passes others)
                     funcs[cls.name] = m  # Cls(...) calls __init__ with the instance first
     targets = {name: (fn, 0 if fn.name != "__init__" else 1) for name, fn in funcs.items()}
-    targets.update({f".{name}": (ms[0], 1) for name, ms in methods.items() if len(ms) == 1 and
-                    not name.startswith("__")})
+    for name, ms in methods.items():
+        if name.startswith("__"):
+            continue
+        if len(ms) == 1:
+            targets[f".{name}"] = (ms[0][1], 1)
+        else:  # a name several classes define: only `self.name(...)` inside a class no other class extends
+            targets.update({f"{c.name}.{name}": (m, 1) for c, m in ms if c.name not in subclassed})
     calls: dict[str, list] = {}
     enclosing: dict[int, object] = {}
     callee_ids = set()
+    other_calls = set()  # `x.name(...)` of a several-class method name that no class's own call resolves
 
-    def walk(node, fn):
+    escaped = set()
+
+    def own_key(f, fn, cls):
+        """`self.name` inside a method of the class that defines name: that class's key."""
+        own = _positional(fn)[:1] if fn is not None and cls is not None else []
+        if own and isinstance(f.value, ast.Name) and f.value.id == own[0] and f"{cls.name}.{f.attr}" in targets:
+            return f"{cls.name}.{f.attr}"
+        return None
+
+    def key_of(call, fn, cls):
+        f = call.func
+        if isinstance(f, ast.Name):
+            return f.id
+        if not isinstance(f, ast.Attribute):
+            return None
+        if f".{f.attr}" in targets:
+            return f".{f.attr}"
+        key = own_key(f, fn, cls)
+        if key is None:  # a call on another object: any class's method of that name
+            escaped.update(k for k in targets if k.split(".")[-1] == f.attr and "." in k[1:])
+        return key
+
+    def walk(node, fn, cls):
         for child in ast.iter_child_nodes(node):
             inner = child if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else fn
+            inner_cls = child if isinstance(child, ast.ClassDef) else cls
             if isinstance(child, ast.Call):
-                key = child.func.id if isinstance(child.func, ast.Name) else \
-                    f".{child.func.attr}" if isinstance(child.func, ast.Attribute) else None
+                key = key_of(child, fn, cls)
                 if key in targets:
                     calls.setdefault(key, []).append(child)
                     enclosing[id(child)] = fn
                     callee_ids.add(id(child.func))
-            walk(child, inner)
+            elif isinstance(child, ast.Name) and child.id in targets and id(child) not in callee_ids:
+                escaped.add(child.id)  # a function passed as a value
+            elif isinstance(child, ast.Attribute) and id(child) not in callee_ids:
+                key = own_key(child, fn, cls) if f".{child.attr}" not in targets else f".{child.attr}"
+                escaped.update([key] if key else [k for k in targets if "." in k and k.split(".")[-1] == child.attr])
+            walk(child, inner, inner_cls)
 
-    walk(tree, None)
-    escaped = set()
-    for n in ast.walk(tree):
-        if id(n) in callee_ids:
-            continue
-        if isinstance(n, ast.Name) and n.id in targets:
-            escaped.add(n.id)
-        elif isinstance(n, ast.Attribute) and f".{n.attr}" in targets:
-            escaped.add(f".{n.attr}")
+    walk(tree, None, None)
     known: dict[int, dict[str, object]] = {}
     for _ in range(4):  # constants flow through calls that pass a parameter on
         changed = False
@@ -393,6 +520,13 @@ def _call_constants(fn, skip, calls, enclosing, known) -> dict[str, object]:
                 here[p] = caller_known[expr.id]
             elif isinstance(expr, ast.Constant):
                 here[p] = expr.value
+            elif dotted(expr) is not None:  # the config or a section of it (through the caller's own, too)
+                head, _, rest = dotted(expr).partition(".")
+                if isinstance(caller_known.get(head), ConfigPath):
+                    head = caller_known[head].path
+                path = PASSED_OBJECTS.get(head + ("." + rest if rest else ""))
+                if path is not None:
+                    here[p] = ConfigPath(path)
         if candidates is None:
             candidates = here
         else:
