@@ -74,3 +74,56 @@ def test_a_parameter_every_call_fixes_folds_the_locals_made_from_it():
     """
     assert "return x + extra" not in fold(src, params=True)
     assert "return x + extra" in fold(src.replace("score(2)", "score(2, extra=1)"), params=True)
+
+
+def test_what_init_fixes_folds_in_the_methods_and_what_a_caller_passes_on():
+    src = """
+    class Backend:
+        def __init__(self, train, quiet=None):
+            self.schedule = train.depth_schedule
+            self.quiet = False if quiet is None else quiet
+            self.steps = 0
+        def step(self):
+            self.steps += 1
+            if self.quiet:
+                return 'quiet'
+            return self._variant(self.schedule)
+        def _variant(self, schedule):
+            if schedule:
+                return 'staged'
+            return 'flat'
+        def steps_taken(self):
+            if self.steps:
+                return self.steps
+    class Other:
+        def _variant(self, schedule):
+            return schedule
+    def main(cfg):
+        return Backend(cfg.train, quiet=False).step()
+    """
+    tree = ast.parse(textwrap.dedent(src))
+    folder = Folder({"cfg.train.depth_schedule": ""})
+    folder.known_params = constant_params(tree, folder)
+    folder.flat = True
+    out = ast.unparse(folder.visit(tree))
+    assert "'quiet'" not in out and "'staged'" not in out  # fixed by __init__, and passed on to self._variant
+    assert "if self.steps:" in out  # bound twice (+= in step): not a constant
+
+
+def test_a_method_name_called_on_another_object_is_not_folded():
+    src = """
+    class A:
+        def run(self):
+            return self.pick(1)
+        def pick(self, n):
+            if n == 1:
+                return 'one'
+            return 'other'
+    class B:
+        def pick(self, n):
+            return n
+    def main(obj):
+        return A().run() + obj.pick(2)
+    """
+    assert "'other'" in fold(src, params=True)  # obj.pick may be A.pick with n = 2
+    assert "'other'" not in fold(src.replace("obj.pick(2)", "B().run2()"), params=True)

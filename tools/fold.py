@@ -477,7 +477,7 @@ def constant_params(tree: ast.Module, folder: Folder) -> dict[int, dict[str, obj
                 key = key_of(child, fn, cls)
                 if key in targets:
                     calls.setdefault(key, []).append(child)
-                    enclosing[id(child)] = fn
+                    enclosing[id(child)], enclosing_cls[id(child)] = fn, cls
                     callee_ids.add(id(child.func))
             elif isinstance(child, ast.Name) and child.id in targets and id(child) not in callee_ids:
                 escaped.add(child.id)  # a function passed as a value
@@ -486,14 +486,18 @@ def constant_params(tree: ast.Module, folder: Folder) -> dict[int, dict[str, obj
                 escaped.update([key] if key else [k for k in targets if "." in k and k.split(".")[-1] == child.attr])
             walk(child, inner, inner_cls)
 
+    enclosing_cls: dict[int, object] = {}
     walk(tree, None, None)
     known: dict[int, dict[str, object]] = {}
-    for _ in range(4):  # constants flow through calls that pass a parameter on
+    folder.attr_binds, folder.subclassed = _attribute_binds(tree), subclassed
+    for _ in range(4):  # constants flow through calls that pass a parameter on (or an attribute made from one)
         changed = False
+        folder.known_params = known
+        instance = {c.name: folder._instance_constants(c) for c in classes}
         for key, (fn, skip) in targets.items():
             if key in escaped or key not in calls:
                 continue
-            values = _call_constants(fn, skip, calls[key], enclosing, known)
+            values = _call_constants(fn, skip, calls[key], enclosing, known, enclosing_cls, instance)
             if values != known.get(id(fn), {}):
                 known[id(fn)], changed = values, True
         if not changed:
@@ -501,7 +505,7 @@ def constant_params(tree: ast.Module, folder: Folder) -> dict[int, dict[str, obj
     return known
 
 
-def _call_constants(fn, skip, calls, enclosing, known) -> dict[str, object]:
+def _call_constants(fn, skip, calls, enclosing, known, enclosing_cls, instance) -> dict[str, object]:
     pos, defaults = _positional(fn)[skip:], _defaults(fn)
     candidates: dict[str, object] | None = None
     for call in calls:
@@ -509,6 +513,9 @@ def _call_constants(fn, skip, calls, enclosing, known) -> dict[str, object]:
             return {}
         caller = enclosing[id(call)]
         caller_known = known.get(id(caller), {}) if caller is not None else {}
+        cls = enclosing_cls.get(id(call))
+        own = _positional(caller)[:1] if caller is not None and cls is not None else []
+        fixed = instance.get(cls.name, {}) if own else {}  # {"self.X": v} of the caller's own instance
         passed = dict(zip(pos, call.args))
         passed.update({k.arg: k.value for k in call.keywords})
         here = {}
@@ -520,6 +527,8 @@ def _call_constants(fn, skip, calls, enclosing, known) -> dict[str, object]:
                 here[p] = caller_known[expr.id]
             elif isinstance(expr, ast.Constant):
                 here[p] = expr.value
+            elif dotted(expr) in fixed and dotted(expr).split(".")[0] == own[0]:
+                here[p] = fixed[dotted(expr)]
             elif dotted(expr) is not None:  # the config or a section of it (through the caller's own, too)
                 head, _, rest = dotted(expr).partition(".")
                 if isinstance(caller_known.get(head), ConfigPath):
