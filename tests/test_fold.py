@@ -1,11 +1,12 @@
-"""The bundler's fold (tools/fold.py) on small sources: what it may drop, and what it must keep."""
+"""The bundler's fold (tools/fold.py, fold_params.py) on small sources: what it may drop, what it must keep."""
 
 from __future__ import annotations
 
 import ast
 import textwrap
 
-from tools.fold import Folder, constant_params
+from tools.fold import Folder
+from tools.fold_params import constant_params
 
 
 def fold(source: str, values=None, classes=None, flat=False, params=False) -> str:

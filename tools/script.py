@@ -21,7 +21,8 @@ from core.atomic import atomic_write_text
 from core.errors import UserError
 from core.run import ENV_KNOBS
 from tools.bundle import PACKAGES, ROOT, Bundle
-from tools.fold import Folder, config_classes, config_values, constant_params
+from tools.fold import Folder, config_classes, config_values
+from tools.fold_params import constant_params
 from tools.prune import prune
 
 ENTRY = "backend_torch.submission"
@@ -57,7 +58,8 @@ def literal(v) -> str:
     raise UserError(f"cannot export a config value of type {type(v).__name__}: {v!r}")
 
 
-BUNDLER = ("tools/bundle.py", "tools/scopes.py", "tools/fold.py", "tools/prune.py", "tools/script.py")
+BUNDLER = ("tools/bundle.py", "tools/scopes.py", "tools/fold.py", "tools/fold_params.py", "tools/prune.py",
+           "tools/script.py")
 
 
 def _sources_digest() -> str:
