@@ -29,6 +29,12 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def rank_threads(nproc: int) -> int:
+    """The OMP_NUM_THREADS each of `nproc` local ranks gets when the user sets none: a share of the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // nproc)
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `argv` (loopgolf's arguments) as `nproc` local ranks; return the first failing rank's exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -39,8 +45,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     # for the launch only: left behind, it would change this process's later runs (their thread count).
     own_threads = "OMP_NUM_THREADS" not in os.environ
     if own_threads:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(rank_threads(nproc))
     args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "tools.cli", *strip_nproc(argv)]
     try:
         torchrun(args)

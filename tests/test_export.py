@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backend_torch.launch import rank_threads
 from core.artifact import read_artifact, write_artifact
 from core.config import load_config
 from core.weights import load_weights
@@ -63,10 +64,13 @@ def run_script(folder: Path, run_id: str, ranks: int = 1, timeout: int = 240) ->
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        # the thread count `loopgolf train --nproc` gives its ranks: OMP_NUM_THREADS also sizes the BLAS pools,
+        # so the script's own torch.set_num_threads is not the same run
+        threads = os.environ.get("OMP_NUM_THREADS", str(rank_threads(ranks)))
         procs = [subprocess.Popen([sys.executable, "-S", "train_gpt.py"], cwd=folder, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True,
-                                  env=isolated_env(RUN_ID=run_id, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
-                                                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
+                                  env=isolated_env(RUN_ID=run_id, OMP_NUM_THREADS=threads, RANK=str(r), LOCAL_RANK=str(r),
+                                                   WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
                                                    MASTER_PORT=str(port)))
                  for r in range(ranks)]
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
