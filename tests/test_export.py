@@ -36,8 +36,11 @@ def overrides(data: Path, name: str) -> list[str]:
     sets = [f"train.iterations={STEPS}", "train.val_every=4", "train.log_every=1", "train.warmup_steps=1",
             "train.val_max_tokens=4096", "train.max_wallclock_seconds=0", f'data.path="{data}"',
             'data.dataset="shakespeare_sp1024"', "model.vocab_size=1024"]
-    if load_config(ROOT / "configs" / name).train.depth_schedule:  # progressive depth, the records' loop switch-on
+    cfg = load_config(ROOT / "configs" / name)
+    if cfg.train.depth_schedule:  # progressive depth, the records' loop switch-on
         sets.append('train.depth_schedule_by="step"')
+    if cfg.artifact.gptq:  # two batches of Hessians, not the config's 64 or 256: the same code, a test's time
+        sets.append("artifact.gptq_batches=2")
     return sets
 
 
