@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from core.config import OptimConfig, TrainConfig
-from core.depth import DepthVariant, depth_variant
+from core.depth import DepthVariant, depth_variant, row_selectors
 from core.spec import ModelSpec
 from backend_mlx.model import logits, mean_loss, token_losses
 from backend_mlx.optim import init_state, make_update
@@ -23,17 +23,15 @@ def resolve_dtype(name: str):
 
 def rows_view(rows):
     """The weights as a depth stage reads them (core.depth.DepthVariant.rows): each listed table cut to the
-    stage's rows with constant indices, a slice where they run in order; the gradients go back into the full
-    tables, and mx.compile sees static indices."""
+    stage's rows (core.depth.row_selectors); the gradients go back into the full tables."""
     if not rows:
         return lambda p: p
+    selectors = row_selectors(rows)
 
     def view(p):
         p = dict(p)
-        for name, index in rows:
-            start = index[0] if index else 0  # () where the export folds a table in that the stage lacks
-            contiguous = index == tuple(range(start, start + len(index)))
-            p[name] = p[name][start:start + len(index)] if contiguous else p[name][mx.array(list(index))]
+        for name, sel in selectors:
+            p[name] = p[name][sel if isinstance(sel, slice) else mx.array(sel)]
         return p
 
     return view

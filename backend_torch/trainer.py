@@ -24,7 +24,7 @@ from backend_torch.optim import init_state, make_update, muon_owners
 from backend_torch.qat import fake_quant
 from core.fakequant import fake_quant_plan
 from core.config import OptimConfig, TrainConfig
-from core.depth import DepthVariant, depth_variant
+from core.depth import DepthVariant, depth_variant, row_selectors
 from core.params import param_table
 from core.spec import ModelSpec
 
@@ -71,17 +71,15 @@ def _clone(tree):
 
 def rows_view(rows):
     """The weights as a depth stage reads them (core.depth.DepthVariant.rows): each listed table cut to the
-    stage's rows with constant indices, a slice where they run in order; autograd sends the gradients back
-    into the full tables, and torch.compile sees static indices."""
+    stage's rows (core.depth.row_selectors); autograd sends the gradients back into the full tables."""
     if not rows:
         return lambda p: p
+    selectors = row_selectors(rows)
 
     def view(p):
         p = dict(p)
-        for name, index in rows:
-            start = index[0] if index else 0  # () where the export folds a table in that the stage lacks
-            contiguous = index == tuple(range(start, start + len(index)))
-            p[name] = p[name][start:start + len(index)] if contiguous else p[name][list(index)]
+        for name, sel in selectors:
+            p[name] = p[name][sel]
         return p
 
     return view

@@ -273,6 +273,18 @@ def plan_rows(plan: tuple[int, ...], final: tuple[int, ...]) -> tuple[int, ...] 
     return tuple(rows)
 
 
+def row_selectors(rows: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[tuple[str, slice | list[int]], ...]:
+    """(name, selector) for a variant's rows: a slice where the rows run in order (a view, as truncation reads
+    them), else the index list; both constant, so a compiled step sees static indices. () (a table the export
+    folds in that the stage lacks) is the empty slice."""
+    out = []
+    for name, index in rows:
+        start = index[0] if index else 0
+        out.append((name, slice(start, start + len(index)) if index == tuple(range(start, start + len(index)))
+                    else list(index)))
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class DepthVariant:
     """The model a backend trains at one depth: its spec, and the tables whose rows it reads from the final
