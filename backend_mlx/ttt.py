@@ -1,5 +1,5 @@
 """Score-first TTT's optimizer for the MLX backend (core/ttt.py drives it), the mirror of
-backend_torch/ttt.py: SGD with momentum over every weight (not Nesterov, no weight decay), on gradients
+the torch backend's TTT optimizer: SGD with momentum over every weight (not Nesterov, no weight decay), on gradients
 clipped to a global norm as torch's clip_grad_norm_ does. One rank: there is nothing to average.
 """
 

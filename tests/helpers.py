@@ -329,6 +329,35 @@ class StandInBackend:
 LN2 = math.log(2)
 
 
+def assert_optimizer_option_resumes_exactly(backend: str, spec: ModelSpec, optim, names=None) -> None:
+    """An optimizer option survives a resume: 3 steps, then the state set into a fresh backend (other weights)
+    and 2 more steps in both give identical losses and weights; the same 2 steps with the default optimizer
+    end elsewhere in at least one of `names` (all parameters by default), so the option was live."""
+    from core.config import OptimConfig, TrainConfig
+    from tools import parity
+    from tools.backends import build_backend
+
+    train = TrainConfig(seq_len=16, batch_tokens=64, compute_dtype="float32")
+    rng = np.random.default_rng(3)
+    batches = [[tuple(rng.integers(0, spec.vocab_size, (2, 2, 16)).astype(np.int32))] for _ in range(5)]
+    a = build_backend(backend, spec, parity.perturbed_weights(spec, 1), train, optim)
+    for mbs in batches[:3]:
+        a.train_step(mbs, 0.7, 0.9)
+    weights, optimizer = a.get_state()
+    b = build_backend(backend, spec, parity.perturbed_weights(spec, 2), train, optim)
+    b.set_state(weights, optimizer)
+    for mbs in batches[3:]:
+        assert a.train_step(mbs, 0.5, 0.9) == b.train_step(mbs, 0.5, 0.9)
+    (wa, _), (wb, _) = a.get_state(), b.get_state()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    c = build_backend(backend, spec, weights, train, OptimConfig())
+    c.set_state(weights, optimizer)
+    for mbs in batches[3:]:
+        c.train_step(mbs, 0.5, 0.9)
+    assert any(not np.array_equal(wa[k], c.get_state()[0][k]) for k in (names or wa))
+
+
 def write_run(root, name, seed, final=None, val=((0, 6.9),), train=((1, 6.8), (2, 6.5)), config=None, extra=()):
     """A run directory as `loopgolf train` writes it: config.toml and metrics.jsonl."""
     d = root / name

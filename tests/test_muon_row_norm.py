@@ -21,9 +21,10 @@ torch = pytest.importorskip("torch")
 from backend_mlx.optim import init_state as mlx_init_state, make_update as mlx_make_update  # noqa: E402
 from backend_torch.optim import NS_COEFFS, init_state as torch_init_state, make_update as torch_make_update  # noqa: E402
 from core.checkpoint import config_differences, config_record  # noqa: E402
-from core.config import OptimConfig, TrainConfig, config_from_dict  # noqa: E402
+from core.config import OptimConfig, config_from_dict  # noqa: E402
 from core.params import MATRIX, param_table  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
+from tests.helpers import assert_optimizer_option_resumes_exactly  # noqa: E402
 from tools import parity  # noqa: E402
 
 SPEC = ModelSpec.from_table({"vocab_size": 64, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "layer_plan": "2x2"})
@@ -105,29 +106,8 @@ def test_backends_agree_and_off_is_bit_for_bit_the_plain_step(weights_and_grads)
 @pytest.mark.slow  # MLX compiles its step: about 3 s
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_a_row_normalised_run_continues_exactly_from_its_state(backend, monkeypatch):
-    from tools.backends import build_backend
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    train = TrainConfig(seq_len=16, batch_tokens=64, compute_dtype="float32")
-    rng = np.random.default_rng(3)
-    batches = [[tuple(rng.integers(0, 64, (2, 2, 16)).astype(np.int32))] for _ in range(5)]
-    make = lambda w, optim=ROW_NORM: build_backend(backend, SPEC, w, train, optim)  # noqa: E731
-    a = make(parity.perturbed_weights(SPEC, 1))
-    for mbs in batches[:3]:
-        a.train_step(mbs, 0.7, 0.9)
-    weights, optimizer = a.get_state()
-    b = make(parity.perturbed_weights(SPEC, 2))
-    b.set_state(weights, optimizer)
-    for mbs in batches[3:]:
-        assert a.train_step(mbs, 0.5, 0.9) == b.train_step(mbs, 0.5, 0.9)
-    (wa, _), (wb, _) = a.get_state(), b.get_state()
-    for k in wa:
-        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
-    c = make(weights, OptimConfig())  # the option is live in that run: plain Muon ends elsewhere
-    c.set_state(weights, optimizer)
-    for mbs in batches[3:]:
-        c.train_step(mbs, 0.5, 0.9)
-    assert any(not np.array_equal(wa[k], c.get_state()[0][k]) for k in MATRICES)
+    assert_optimizer_option_resumes_exactly(backend, SPEC, ROW_NORM, MATRICES)  # plain Muon ends elsewhere
 
 
 def test_the_key_validates_and_a_resume_refuses_a_change():

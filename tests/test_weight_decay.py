@@ -26,6 +26,7 @@ from core.errors import UserError  # noqa: E402
 from core.params import EMBED, HEAD, MATRIX, SCALAR, param_table  # noqa: E402
 from core.schedule import group_base_lrs, weight_decays  # noqa: E402
 from core.spec import ModelSpec  # noqa: E402
+from tests.helpers import assert_optimizer_option_resumes_exactly  # noqa: E402
 from tools import parity  # noqa: E402
 
 # Untied, so all four groups (Muon matrices, Adam scalars, the embedding, the head) are there.
@@ -98,32 +99,9 @@ def test_weight_decays_per_name():
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_a_decayed_run_continues_exactly_from_its_state(backend, monkeypatch):
-    from core.config import TrainConfig
-    from tools.backends import build_backend
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    optim = OptimConfig(**WD, weight_decay_exempt=("layer_in_gains",))
-    train = TrainConfig(seq_len=16, batch_tokens=64, compute_dtype="float32")
-    rng = np.random.default_rng(3)
-    batches = [[tuple(rng.integers(0, 64, (2, 2, 16)).astype(np.int32))] for _ in range(5)]
-    make = lambda w: build_backend(backend, SPEC, w, train, optim)  # noqa: E731
-    a = make(parity.perturbed_weights(SPEC, 1))
-    for mbs in batches[:3]:
-        a.train_step(mbs, 0.7, 0.9)
-    weights, optimizer = a.get_state()
-    b = make(parity.perturbed_weights(SPEC, 2))
-    b.set_state(weights, optimizer)
-    for mbs in batches[3:]:
-        assert a.train_step(mbs, 0.5, 0.9) == b.train_step(mbs, 0.5, 0.9)
-    (wa, _), (wb, _) = a.get_state(), b.get_state()
-    for k in wa:
-        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
     # ... and the decay is live in that run: the same steps without it end elsewhere.
-    c = build_backend(backend, SPEC, weights, train, OptimConfig())
-    c.set_state(weights, optimizer)
-    for mbs in batches[3:]:
-        c.train_step(mbs, 0.5, 0.9)
-    assert any(not np.array_equal(wa[k], c.get_state()[0][k]) for k in wa)
+    assert_optimizer_option_resumes_exactly(backend, SPEC, OptimConfig(**WD, weight_decay_exempt=("layer_in_gains",)))
 
 
 def test_keys_validate_and_a_resume_refuses_a_new_decay():
