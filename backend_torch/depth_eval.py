@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from backend_torch.dist import device_ids
 from backend_torch.model import (cross_entropy, head, hidden_states, input_features, layer_step, linear, rms_norm,
                                  softcap)
 from core.depth import require_cyclic
@@ -40,8 +41,7 @@ def _head_losses(spec: ModelSpec, p: dict, x: torch.Tensor, y: torch.Tensor) -> 
 @torch.no_grad()
 def loop_stats(backend, x: np.ndarray, y: np.ndarray, total_loops: int) -> np.ndarray:
     """(total_loops, 3) float64 per batch: loss sum (nats), sum (x_k - x_{k-1})^2, sum x_{k-1}^2 (row 0: 0, 0)."""
-    tokens = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(backend.torch_device)
-    targets = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(backend.torch_device)
+    tokens, targets = device_ids(x, backend.torch_device), device_ids(y, backend.torch_device)
     with backend.autocast():  # as the trainer's own evaluation (bf16 autocast on CUDA)
         states = loop_states(backend.spec, backend.params, tokens, total_loops, backend.dtype)
         losses = [_head_losses(backend.spec, backend.params, s, targets).sum().item() for s in states]

@@ -46,6 +46,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def device_ids(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Token ids (any integer numpy array) as an int64 tensor on `device`: the one way batches reach it."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)
+
+
 def _comm_device(device: torch.device) -> torch.device:
     # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
     return device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from backend_torch import model
+from backend_torch.dist import device_ids
 from core.spec import ModelSpec
 
 
@@ -52,7 +53,7 @@ def collect_hessians(spec: ModelSpec, params: dict[str, torch.Tensor], batches, 
     with recording_linear(params, sums):
         for batch in batches:
             x = batch[0] if isinstance(batch, tuple) else batch
-            tokens = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device)
+            tokens = device_ids(x, device)
             with autocast():
                 model.logits(spec, params, tokens, dtype)
     return {name: sums[name].cpu().numpy() for name in sorted(sums)}

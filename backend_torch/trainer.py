@@ -59,10 +59,6 @@ def per_token_losses(compiled: bool, dtype: torch.dtype):
     return fused_token_losses if not compiled and dtype == torch.float32 else token_losses
 
 
-def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)
-
-
 def _clone(tree):
     if isinstance(tree, dict):
         return {k: _clone(v) for k, v in tree.items()}
@@ -206,7 +202,7 @@ class TorchBackend:
         for x, y in micro_batches:
             w = x.size / total  # weight each micro-batch by its share of the tokens
             with self.autocast():
-                loss = self._loss(self.params, _to_device(x, self.torch_device), _to_device(y, self.torch_device))
+                loss = self._loss(self.params, dist.device_ids(x, self.torch_device), dist.device_ids(y, self.torch_device))
             (loss * w).backward()
             loss_sum += loss.detach() * w
         # A tensor the active depth never reads (e.g. cross_repeat_scales at one loop) gets no grad: zero.
@@ -219,7 +215,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def eval_loss_sum(self, x: np.ndarray, y: np.ndarray) -> float:
-        x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)
+        x, y = dist.device_ids(x, self.torch_device), dist.device_ids(y, self.torch_device)
         with self.autocast():
             return float(self._loss_sum(self.params, x, y).item())
 
@@ -241,7 +237,7 @@ class TorchBackend:
             return compile_graph(fn) if self._compile else fn
 
         fn = self._eval_fn("token_losses", make)
-        x, y = _to_device(x, self.torch_device), _to_device(y, self.torch_device)
+        x, y = dist.device_ids(x, self.torch_device), dist.device_ids(y, self.torch_device)
         with self.autocast():
             return fn(self.params, x, y).float().cpu().numpy()
 
@@ -264,7 +260,7 @@ class TorchBackend:
 
         fn = self._eval_fn("log_probs", make)
         with self.autocast():
-            return fn(self.params, _to_device(x, self.torch_device)).float().cpu().numpy()
+            return fn(self.params, dist.device_ids(x, self.torch_device)).float().cpu().numpy()
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.params.items()}

@@ -11,10 +11,6 @@ import torch
 from backend_torch import dist
 
 
-def _device_ids(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
-
-
 class TTTOptimizer:
     def __init__(self, backend, momentum: float, grad_clip: float, token_losses):
         self.backend, self.momentum, self.grad_clip = backend, momentum, grad_clip
@@ -29,7 +25,7 @@ class TTTOptimizer:
             p.grad = None
         if len(x):  # a rank with no sequence in this step still joins the all-reduce, with zeros
             with b.autocast():
-                losses = self.token_losses(b.params, _device_ids(x, b.torch_device), _device_ids(y, b.torch_device))
+                losses = self.token_losses(b.params, dist.device_ids(x, b.torch_device), dist.device_ids(y, b.torch_device))
             # all_reduce_grads averages over ranks; times world_size, that is the sum the step asks for.
             (losses.float().sum() * (loss_scale * b.world_size)).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
